@@ -1,0 +1,69 @@
+"""Config keys rfpn adds to Detectron2's ``CfgNode``, with their defaults and checks.
+
+Call :func:`add_rfpn_config` on a fresh ``get_cfg()`` before merging an rfpn YAML file.
+``MODEL.RECURRENT`` is shared by both tasks (the Pathfinder segmentor and the recurrent
+mask head); :func:`validate_recurrent_config` rejects bad values with the key's name and
+the allowed values.
+"""
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+from rfpn.recurrent import GATES, GRADS, NORMS
+
+CELLS = ("hgru", "convlstm")
+
+
+def add_recurrent_config(cfg: CN) -> None:
+    """``MODEL.RECURRENT``: the recurrent core shared by every rfpn model."""
+    cfg.MODEL.RECURRENT = CN()
+    _C = cfg.MODEL.RECURRENT
+    _C.CELL = "hgru"  # recurrent cell: "hgru" or "convlstm"
+    _C.CHANNELS = 16  # channels of the recurrent state (the drive is projected to this many)
+    _C.KERNEL_SIZE = 7  # spatial size of the cell's horizontal kernels (odd)
+    _C.NORM = "bn"  # norm inside the hGRU: "bn" (batch statistics), "gn" (GroupNorm) or "none"
+    _C.GATE = "conv"  # hGRU gain gate: "conv" (1x1 conv) or "gala" (global x local attention)
+    _C.STEPS = 8  # training steps N
+    _C.TEST_STEPS = 0  # inference steps; 0 reuses STEPS (may exceed STEPS)
+    _C.GRAD = "crbp"  # gradient method: "bptt", "cbptt", "rbp" or "crbp"
+    _C.NEUMANN_STEPS = 15  # max terms of the Neumann series in the RBP backward
+    _C.NEUMANN_NORM_CAP = 100.0  # stop the Neumann sum when |u| would pass this multiple of |g|
+    _C.NEUMANN_TOL = 0.0  # stop the Neumann sum once a term is below this fraction of |g|
+    _C.LCP_LAMBDA = 0.9  # contraction target lambda of the LCP, in [0, 1)
+    _C.LCP_WEIGHT = 10.0  # weight xi of the LCP in the loss (used by cbptt / crbp only)
+    _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
+
+
+def add_rfpn_config(cfg: CN) -> None:
+    """Add every rfpn key to ``cfg`` (in place)."""
+    add_recurrent_config(cfg)
+
+
+def _require_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; allowed values: {', '.join(map(str, allowed))}.")
+
+
+def validate_recurrent_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and the allowed values for any bad setting."""
+    rc = cfg.MODEL.RECURRENT
+    _require_choice("MODEL.RECURRENT.CELL", rc.CELL, CELLS)
+    _require_choice("MODEL.RECURRENT.GRAD", rc.GRAD, GRADS)
+    _require_choice("MODEL.RECURRENT.NORM", rc.NORM, NORMS)
+    _require_choice("MODEL.RECURRENT.GATE", rc.GATE, GATES)
+    if not 0.0 <= rc.LCP_LAMBDA < 1.0:
+        raise ValueError(f"MODEL.RECURRENT.LCP_LAMBDA={rc.LCP_LAMBDA} is not valid; allowed values: [0, 1).")
+    checks = {
+        "STEPS": (rc.STEPS >= 1, "an integer >= 1"),
+        "TEST_STEPS": (rc.TEST_STEPS >= 0, "0 (reuse STEPS) or an integer >= 1"),
+        "CHANNELS": (rc.CHANNELS >= 1, "an integer >= 1"),
+        "KERNEL_SIZE": (rc.KERNEL_SIZE >= 1 and rc.KERNEL_SIZE % 2 == 1, "an odd integer >= 1"),
+        "NEUMANN_STEPS": (rc.NEUMANN_STEPS >= 0, "an integer >= 0"),
+        "NEUMANN_NORM_CAP": (rc.NEUMANN_NORM_CAP > 0, "a number > 0"),
+        "NEUMANN_TOL": (rc.NEUMANN_TOL >= 0, "a number >= 0"),
+        "LCP_WEIGHT": (rc.LCP_WEIGHT >= 0, "a number >= 0"),
+        "EPS": (rc.EPS >= 0, "a number >= 0"),
+    }
+    for key, (ok, allowed) in checks.items():
+        if not ok:
+            raise ValueError(f"MODEL.RECURRENT.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")
