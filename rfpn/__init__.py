@@ -8,4 +8,4 @@ from importlib.util import find_spec
 __version__ = "0.1.0"
 
 if find_spec("detectron2") is not None:
-    from . import config, modeling  # noqa: F401  (import registers the Detectron2 parts)
+    from . import config, data, evaluation, modeling  # noqa: F401  (import registers the Detectron2 parts)

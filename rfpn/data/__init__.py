@@ -1,0 +1,1 @@
+"""Datasets: generators, Detectron2 registration and mappers; importing registers them."""

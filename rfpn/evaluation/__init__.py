@@ -1,0 +1,1 @@
+"""Evaluators for rfpn's tasks."""
