@@ -34,9 +34,17 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
 
 
+def add_rfpn_mask_head_config(cfg: CN) -> None:
+    """Keys of R-FPN's ``RecurrentMaskHead`` (its dynamics are configured by ``MODEL.RECURRENT``)."""
+    _C = cfg.MODEL.ROI_MASK_HEAD
+    _C.READOUT_NORM = "GN"  # RecurrentMaskHead: norm on the final state before the deconv: "GN" or "" (none)
+    _C.TIMECOURSE = False  # RecurrentMaskHead at test time: add per-step mask logits as pred_mask_step_logits
+
+
 def add_rfpn_config(cfg: CN) -> None:
     """Add every rfpn key to ``cfg`` (in place)."""
     add_recurrent_config(cfg)
+    add_rfpn_mask_head_config(cfg)
 
 
 def _require_choice(name: str, value, allowed) -> None:
@@ -67,3 +75,17 @@ def validate_recurrent_config(cfg: CN) -> None:
     for key, (ok, allowed) in checks.items():
         if not ok:
             raise ValueError(f"MODEL.RECURRENT.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")
+
+
+def validate_rfpn_mask_head_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and the allowed values for a bad recurrent mask head setting."""
+    mh = cfg.MODEL.ROI_MASK_HEAD
+    _require_choice("MODEL.ROI_MASK_HEAD.READOUT_NORM", mh.READOUT_NORM, ("GN", ""))
+    if mh.CONV_DIM < 1:
+        raise ValueError(f"MODEL.ROI_MASK_HEAD.CONV_DIM={mh.CONV_DIM!r} is not valid; allowed values: an integer >= 1.")
+    validate_recurrent_config(cfg)
+
+
+def validate_pathfinder_data_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and the allowed values for a bad Pathfinder data setting."""
+    _require_choice("INPUT.PATHFINDER_FLIP", cfg.INPUT.PATHFINDER_FLIP, (True, False))

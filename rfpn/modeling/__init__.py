@@ -1,4 +1,5 @@
 """Detectron2 parts of rfpn; importing this module registers them."""
 from .recurrent_core import build_recurrent_dynamics
+from .recurrent_mask_head import RecurrentMaskHead
 
-__all__ = ["build_recurrent_dynamics"]
+__all__ = ["RecurrentMaskHead", "build_recurrent_dynamics"]
