@@ -84,8 +84,3 @@ def validate_rfpn_mask_head_config(cfg: CN) -> None:
     if mh.CONV_DIM < 1:
         raise ValueError(f"MODEL.ROI_MASK_HEAD.CONV_DIM={mh.CONV_DIM!r} is not valid; allowed values: an integer >= 1.")
     validate_recurrent_config(cfg)
-
-
-def validate_pathfinder_data_config(cfg: CN) -> None:
-    """Raise ``ValueError`` naming the key and the allowed values for a bad Pathfinder data setting."""
-    _require_choice("INPUT.PATHFINDER_FLIP", cfg.INPUT.PATHFINDER_FLIP, (True, False))
