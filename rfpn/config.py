@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-from rfpn.recurrent import GATES, GRADS, NORMS
+from rfpn.recurrent import BACKWARD_SOLVERS, GATES, GRADS, NORMS, SOLVERS
 
 CELLS = ("hgru", "convlstm")
 
@@ -32,6 +32,13 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.LCP_LAMBDA = 0.9  # contraction target lambda of the LCP, in [0, 1)
     _C.LCP_WEIGHT = 10.0  # weight xi of the LCP in the loss (used by cbptt / crbp only)
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
+    _C.SOLVER = "fixed"  # forward solver: "fixed" (STEPS / TEST_STEPS steps), "iterate" or "anderson" (stop on TOL)
+    _C.TOL = 1e-4  # iterate/anderson stop once every sample's |h_{t+1} - h_t| / |h_{t+1}| < TOL
+    _C.MAX_STEPS = 100  # iterate/anderson: cap on cell evaluations (training and inference)
+    _C.ANDERSON_M = 5  # Anderson history: residuals kept for the least-squares extrapolation
+    _C.BACKWARD_SOLVER = "neumann"  # rbp/crbp backward: "neumann" (NEUMANN_* keys) or "anderson" (BACKWARD_* keys)
+    _C.BACKWARD_TOL = 1e-5  # anderson backward: stop once |(I - J^T) u - g| / |g| < BACKWARD_TOL
+    _C.BACKWARD_MAX_STEPS = 50  # anderson backward: cap on vector-Jacobian products
 
 
 def add_rfpn_mask_head_config(cfg: CN) -> None:
@@ -59,6 +66,13 @@ def validate_recurrent_config(cfg: CN) -> None:
     _require_choice("MODEL.RECURRENT.GRAD", rc.GRAD, GRADS)
     _require_choice("MODEL.RECURRENT.NORM", rc.NORM, NORMS)
     _require_choice("MODEL.RECURRENT.GATE", rc.GATE, GATES)
+    _require_choice("MODEL.RECURRENT.SOLVER", rc.SOLVER, SOLVERS)
+    _require_choice("MODEL.RECURRENT.BACKWARD_SOLVER", rc.BACKWARD_SOLVER, BACKWARD_SOLVERS)
+    if rc.SOLVER == "anderson" and rc.GRAD in ("bptt", "cbptt"):
+        raise ValueError(
+            f"MODEL.RECURRENT.SOLVER='anderson' cannot train with MODEL.RECURRENT.GRAD={rc.GRAD!r}; allowed "
+            "combinations: SOLVER 'anderson' with GRAD 'rbp'/'crbp', or SOLVER 'fixed'/'iterate' with any GRAD."
+        )
     if not 0.0 <= rc.LCP_LAMBDA < 1.0:
         raise ValueError(f"MODEL.RECURRENT.LCP_LAMBDA={rc.LCP_LAMBDA} is not valid; allowed values: [0, 1).")
     checks = {
@@ -71,6 +85,11 @@ def validate_recurrent_config(cfg: CN) -> None:
         "NEUMANN_TOL": (rc.NEUMANN_TOL >= 0, "a number >= 0"),
         "LCP_WEIGHT": (rc.LCP_WEIGHT >= 0, "a number >= 0"),
         "EPS": (rc.EPS >= 0, "a number >= 0"),
+        "TOL": (rc.TOL > 0, "a number > 0"),
+        "MAX_STEPS": (rc.MAX_STEPS >= 1, "an integer >= 1"),
+        "ANDERSON_M": (rc.ANDERSON_M >= 1, "an integer >= 1"),
+        "BACKWARD_TOL": (rc.BACKWARD_TOL > 0, "a number > 0"),
+        "BACKWARD_MAX_STEPS": (rc.BACKWARD_MAX_STEPS >= 1, "an integer >= 1"),
     }
     for key, (ok, allowed) in checks.items():
         if not ok:

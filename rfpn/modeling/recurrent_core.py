@@ -26,4 +26,11 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
         eps=rc.EPS,
         neumann_norm_cap=rc.NEUMANN_NORM_CAP,
         neumann_tol=rc.NEUMANN_TOL,
+        solver=rc.SOLVER,
+        tol=rc.TOL,
+        max_steps=rc.MAX_STEPS,
+        anderson_m=rc.ANDERSON_M,
+        backward_solver=rc.BACKWARD_SOLVER,
+        backward_tol=rc.BACKWARD_TOL,
+        backward_max_steps=rc.BACKWARD_MAX_STEPS,
     )

@@ -9,23 +9,37 @@ Pure PyTorch (no Detectron2), usable on its own::
 """
 from .cells import GATES, NORMS, ConvLSTMCell, HGRUCell, make_norm
 from .dynamics import GRADS, RecurrentDynamics
-from .gradients import NeumannStats, attach_implicit_backward, neumann_solve
+from .gradients import (
+    BACKWARD_SOLVERS,
+    NeumannStats,
+    anderson_adjoint_solve,
+    attach_implicit_backward,
+    neumann_solve,
+)
 from .memory import SavedTensorCounter, saved_tensor_bytes
 from .penalty import column_sums, lcp_penalty
+from .solvers import SOLVERS, AndersonMixer, SolverResult, relative_residual, solve_fixed_point
 
 __all__ = [
+    "BACKWARD_SOLVERS",
     "GATES",
     "GRADS",
     "NORMS",
+    "SOLVERS",
+    "AndersonMixer",
     "ConvLSTMCell",
     "HGRUCell",
     "NeumannStats",
     "RecurrentDynamics",
     "SavedTensorCounter",
+    "SolverResult",
+    "anderson_adjoint_solve",
     "attach_implicit_backward",
     "column_sums",
     "lcp_penalty",
     "make_norm",
     "neumann_solve",
+    "relative_residual",
     "saved_tensor_bytes",
+    "solve_fixed_point",
 ]

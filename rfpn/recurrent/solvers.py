@@ -1,0 +1,175 @@
+"""Forward fixed-point solvers for ``h = F(x, h)`` on batched states ``(B, ...)``.
+
+- ``fixed``: exactly N steps of ``h <- F(h)`` (handled by :class:`RecurrentDynamics`).
+- ``iterate``: plain iteration until every sample's relative residual
+  ``|F(h) - h| / |F(h)|`` (L2 norms over the sample) is below ``tol``, or a step cap.
+- ``anderson``: Anderson acceleration (type II) with the same stopping rule: each step
+  extrapolates from the last ``m`` iterates by a per-sample regularised least-squares fit
+  of their residuals, then evaluates F once.
+
+Why not torchdeq: its solvers stop on the batch maximum but return, per sample, the
+iterate with the lowest residual seen, drawn from different iterations. Under
+batch-statistics norms F couples the samples, so such a mixture is not a state the batch
+ever had; they also pass non-finite values on silently and use an absolute regulariser
+that does not scale with the residuals. The solvers here always evaluate F on the whole
+batch, return the last iterate, raise on non-finite states naming the step, scale the
+regulariser to the residuals and fall back to a plain step where the fit fails.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+SOLVERS = ("fixed", "iterate", "anderson")
+StepFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SolverResult:
+    """Outcome of a forward solve.
+
+    ``state`` is the last point F was evaluated at and ``image`` = F(state), the solver's
+    answer. Per-sample tensors (shape ``(B,)``): ``relative_residual`` =
+    ``|image - state| / |image|``, ``mean_abs_update`` = mean ``|image - state|``,
+    ``converged`` (``relative_residual < tol``) and ``steps_per_sample``: the function
+    evaluation from which on the sample stayed below ``tol`` (``evals`` if it never did).
+    ``evals`` counts evaluations of F on the batch; ``stop_reason`` is ``"converged"``
+    (every sample below ``tol``) or ``"max_steps"``.
+    """
+
+    state: torch.Tensor
+    image: torch.Tensor
+    evals: int
+    steps_per_sample: torch.Tensor
+    relative_residual: torch.Tensor
+    mean_abs_update: torch.Tensor
+    converged: torch.Tensor
+    stop_reason: str
+
+
+def relative_residual(image: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``|image - state|_2 / |image|_2``, shape ``(B,)``."""
+    diff = (image - state).flatten(1).norm(dim=1)
+    scale = image.flatten(1).norm(dim=1).clamp_min(torch.finfo(image.dtype).tiny)
+    return diff / scale
+
+
+def check_finite(state: torch.Tensor, step: int, total: int, solver: str = "fixed") -> None:
+    """Raise ``FloatingPointError`` naming the step if ``state`` holds NaN or inf."""
+    if not torch.isfinite(state).all():
+        via = "" if solver == "fixed" else f" ({solver} solver)"
+        raise FloatingPointError(
+            f"Non-finite recurrent state at step {step} of {total}{via}. The dynamics diverged: lower the "
+            "learning rate, raise the LCP weight, or lower LCP_LAMBDA."
+        )
+
+
+class AndersonMixer:
+    """Per-sample Anderson extrapolation over rows of ``(B, D)`` tensors.
+
+    Keeps the last ``m`` differences of iterates ``dX`` and of residuals ``dG``
+    (``G = F(x) - x``) and returns ``x + beta G - (dX + beta dG) gamma`` with ``gamma``
+    minimising ``|G - dG gamma|^2 + lam * mean(diag(dG dG^T)) |gamma|^2`` for each row.
+    The ridge term scales with the residuals, so the fit stays well-posed when the
+    history is nearly collinear or tiny; rows whose fit or extrapolation is not finite
+    take the plain step ``x + beta G`` instead.
+    """
+
+    def __init__(self, m: int = 5, lam: float = 1e-4, beta: float = 1.0):
+        if m < 1:
+            raise ValueError(f"Anderson history m must be >= 1; got {m}.")
+        if lam <= 0:
+            raise ValueError(f"Anderson regularisation lam must be > 0; got {lam}.")
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"Anderson mixing beta must lie in (0, 1]; got {beta}.")
+        self.m, self.lam, self.beta = m, lam, beta
+        self.count = 0
+        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dx: torch.Tensor | None = None
+        self.dg: torch.Tensor | None = None
+
+    def step(self, x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """Next iterate from the current one ``x`` and its image ``fx`` (both ``(B, D)``)."""
+        g = fx - x
+        plain = x + self.beta * g
+        if self.prev is not None:
+            if self.dx is None:
+                self.dx = x.new_zeros(x.shape[0], self.m, x.shape[1])
+                self.dg = x.new_zeros(x.shape[0], self.m, x.shape[1])
+            slot = self.count % self.m
+            self.dx[:, slot] = x - self.prev[0]
+            self.dg[:, slot] = g - self.prev[1]
+            self.count += 1
+        self.prev = (x, g)
+        if self.count == 0:
+            return plain
+        k = min(self.count, self.m)
+        dx, dg = self.dx[:, :k], self.dg[:, :k]
+        gram = torch.bmm(dg, dg.transpose(1, 2)).double()
+        rhs = torch.bmm(dg, g.unsqueeze(2)).double()
+        ridge = self.lam * gram.diagonal(dim1=1, dim2=2).mean(1) + torch.finfo(torch.float64).tiny
+        eye = torch.eye(k, dtype=torch.float64, device=x.device)
+        gamma = torch.linalg.solve(gram + ridge.view(-1, 1, 1) * eye, rhs).to(x.dtype)
+        mixed = plain - torch.bmm((dx + self.beta * dg).transpose(1, 2), gamma).squeeze(2)
+        ok = torch.isfinite(mixed).all(1) & torch.isfinite(gamma).flatten(1).all(1)
+        return torch.where(ok.unsqueeze(1), mixed, plain)
+
+
+def solve_fixed_point(
+    f: StepFn,
+    x0: torch.Tensor,
+    solver: str,
+    tol: float,
+    max_steps: int,
+    anderson_m: int = 5,
+    anderson_lam: float = 1e-4,
+    anderson_beta: float = 1.0,
+    on_eval: Callable[[torch.Tensor], None] | None = None,
+) -> SolverResult:
+    """Solve ``h = f(h)`` from ``x0`` with ``solver`` in :data:`SOLVERS`.
+
+    Every step evaluates ``f`` once on the whole batch (``f`` may couple samples, as
+    batch-statistics norms do); the solve stops when every sample's relative residual is
+    below ``tol`` or after ``max_steps`` evaluations (``fixed`` or ``tol=0``: always
+    ``max_steps``). ``on_eval`` sees each image (for
+    recording states). With autograd on, the graph runs through every step (plain
+    iteration only: back-propagating through Anderson's fit is not supported). Raises ``FloatingPointError`` naming the step on NaN or inf.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown fixed-point solver {solver!r}; allowed values: {', '.join(SOLVERS)}.")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1; got {max_steps}.")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0 (0 runs all max_steps); got {tol}.")
+    mixer = AndersonMixer(anderson_m, anderson_lam, anderson_beta) if solver == "anderson" else None
+    batch = x0.shape[0]
+    steps = torch.ones(batch, dtype=torch.long, device=x0.device)
+    x = x0
+    for t in range(1, max_steps + 1):
+        fx = f(x)
+        check_finite(fx, t, max_steps, solver)
+        if mixer is not None and fx.requires_grad:
+            raise ValueError(
+                "The anderson solver runs without an autograd graph: call it under torch.no_grad() "
+                "(RBP/C-RBP do), or use the iterate solver to back-propagate through the steps."
+            )
+        if on_eval is not None:
+            on_eval(fx)
+        rel = relative_residual(fx.detach(), x.detach())
+        below = rel < tol if solver != "fixed" else torch.zeros_like(rel, dtype=torch.bool)
+        steps = torch.where(below, steps, torch.full_like(steps, t + 1))
+        if bool(below.all()) or t == max_steps:
+            break
+        x = fx if mixer is None else mixer.step(x.flatten(1), fx.flatten(1)).view_as(x0)
+    return SolverResult(
+        state=x,
+        image=fx,
+        evals=t,
+        steps_per_sample=steps.clamp_max(t).cpu(),
+        relative_residual=rel,
+        mean_abs_update=(fx.detach() - x.detach()).abs().flatten(1).mean(1),
+        converged=below,
+        stop_reason="converged" if bool(below.all()) else "max_steps",
+    )
