@@ -32,6 +32,11 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.LCP_LAMBDA = 0.9  # contraction target lambda of the LCP, in [0, 1)
     _C.LCP_WEIGHT = 10.0  # weight xi of the LCP in the loss (used by cbptt / crbp only)
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
+
+
+def add_pathfinder_data_config(cfg: CN) -> None:
+    """Pathfinder data keys (read by ``PathfinderDatasetMapper``)."""
+    cfg.INPUT.PATHFINDER_FLIP = True  # random horizontal and vertical flips of Pathfinder images + labels when training
     _C.SOLVER = "fixed"  # forward solver: "fixed" (STEPS / TEST_STEPS steps), "iterate" or "anderson" (stop on TOL)
     _C.TOL = 1e-4  # iterate/anderson stop once every sample's |h_{t+1} - h_t| / |h_{t+1}| < TOL
     _C.MAX_STEPS = 100  # iterate/anderson: cap on cell evaluations (training and inference)
@@ -51,6 +56,7 @@ def add_rfpn_mask_head_config(cfg: CN) -> None:
 def add_rfpn_config(cfg: CN) -> None:
     """Add every rfpn key to ``cfg`` (in place)."""
     add_recurrent_config(cfg)
+    add_pathfinder_data_config(cfg)
     add_rfpn_mask_head_config(cfg)
 
 
@@ -103,3 +109,8 @@ def validate_rfpn_mask_head_config(cfg: CN) -> None:
     if mh.CONV_DIM < 1:
         raise ValueError(f"MODEL.ROI_MASK_HEAD.CONV_DIM={mh.CONV_DIM!r} is not valid; allowed values: an integer >= 1.")
     validate_recurrent_config(cfg)
+
+
+def validate_pathfinder_data_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and the allowed values for a bad Pathfinder data setting."""
+    _require_choice("INPUT.PATHFINDER_FLIP", cfg.INPUT.PATHFINDER_FLIP, (True, False))
