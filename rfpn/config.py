@@ -32,11 +32,6 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.LCP_LAMBDA = 0.9  # contraction target lambda of the LCP, in [0, 1)
     _C.LCP_WEIGHT = 10.0  # weight xi of the LCP in the loss (used by cbptt / crbp only)
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
-
-
-def add_pathfinder_data_config(cfg: CN) -> None:
-    """Pathfinder data keys (read by ``PathfinderDatasetMapper``)."""
-    cfg.INPUT.PATHFINDER_FLIP = True  # random horizontal and vertical flips of Pathfinder images + labels when training
     _C.SOLVER = "fixed"  # forward solver: "fixed" (STEPS / TEST_STEPS steps), "iterate" or "anderson" (stop on TOL)
     _C.TOL = 1e-4  # iterate/anderson stop once every sample's |h_{t+1} - h_t| / |h_{t+1}| < TOL
     _C.MAX_STEPS = 100  # iterate/anderson: cap on cell evaluations (training and inference)
@@ -44,6 +39,11 @@ def add_pathfinder_data_config(cfg: CN) -> None:
     _C.BACKWARD_SOLVER = "neumann"  # rbp/crbp backward: "neumann" (NEUMANN_* keys) or "anderson" (BACKWARD_* keys)
     _C.BACKWARD_TOL = 1e-5  # anderson backward: stop once |(I - J^T) u - g| / |g| < BACKWARD_TOL
     _C.BACKWARD_MAX_STEPS = 50  # anderson backward: cap on vector-Jacobian products
+
+
+def add_pathfinder_data_config(cfg: CN) -> None:
+    """Pathfinder data keys (read by ``PathfinderDatasetMapper``)."""
+    cfg.INPUT.PATHFINDER_FLIP = True  # random horizontal and vertical flips of Pathfinder images + labels when training
 
 
 def add_rfpn_mask_head_config(cfg: CN) -> None:
