@@ -247,8 +247,15 @@ def test_mapper_names_undecodable_image(broken):
 # ------------------------------------------------------------------ COCO conventions
 
 
-def test_prepare_panoptic_fpn_uses_coco_category_conventions(tmp_path):
-    """Real COCO ids: things (person=1) -> 0, stuff 92 ('banner') -> 1, 200 -> 53, unlabeled -> 255."""
+def test_prepare_panoptic_fpn_on_builtin_coco_layout(tmp_path, monkeypatch):
+    """A one-image COCO val set at Detectron2's builtin paths: the loader names the missing stuff
+    PNGs and the command; the CLI writes them with COCO's ids (person=1 -> 0, stuff 92 'banner'
+    -> 1, 200 -> 53, unlabeled -> 255) and Detectron2's loader then reads the set."""
+    name = "coco_2017_val_panoptic_separated"
+    meta = MetadataCatalog.get(name)
+    if os.path.isabs(meta.panoptic_json):
+        pytest.skip("DETECTRON2_DATASETS is set: the builtin COCO paths are outside the test's folder")
+    monkeypatch.chdir(tmp_path)
     ids = np.zeros((8, 10), np.int64)
     ids[:, :3], ids[:, 3:6], ids[:4, 6:] = 5, 7, 9
     segments = [
@@ -256,22 +263,30 @@ def test_prepare_panoptic_fpn_uses_coco_category_conventions(tmp_path):
         {"id": 7, "category_id": 92, "area": 24, "bbox": [3, 0, 3, 8], "iscrowd": 0},
         {"id": 9, "category_id": 200, "area": 16, "bbox": [6, 0, 4, 4], "iscrowd": 0},
     ]
-    (tmp_path / "pan").mkdir()
-    Image.fromarray(id2rgb(ids)).save(tmp_path / "pan" / "000000000001.png")
-    meta = MetadataCatalog.get("coco_2017_val_panoptic_separated")
+    image = {"id": 1, "file_name": "000000000001.jpg", "height": 8, "width": 10}
+    coco_things = [{"id": k, "name": meta.thing_classes[v]} for k, v in meta.thing_dataset_id_to_contiguous_id.items()]
+    for folder in (meta.image_root, meta.panoptic_root, os.path.dirname(meta.panoptic_json)):
+        os.makedirs(folder)
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(os.path.join(meta.image_root, "000000000001.jpg"))
+    Image.fromarray(id2rgb(ids)).save(os.path.join(meta.panoptic_root, "000000000001.png"))
     cats = [{"id": c, "name": str(c), "isthing": int(c < 92)} for c in sorted(
         set(meta.thing_dataset_id_to_contiguous_id) | set(meta.stuff_dataset_id_to_contiguous_id) - {0})]
-    panoptic = {"images": [{"id": 1, "file_name": "000000000001.jpg", "height": 8, "width": 10}],
-                "annotations": [{"image_id": 1, "file_name": "000000000001.png", "segments_info": segments}],
-                "categories": cats}
-    (tmp_path / "panoptic.json").write_text(json.dumps(panoptic))
+    Path(meta.panoptic_json).write_text(json.dumps({"images": [image], "categories": cats, "annotations": [
+        {"image_id": 1, "file_name": "000000000001.png", "segments_info": segments}]}))
+    Path(meta.json_file).write_text(json.dumps({"images": [image], "categories": coco_things, "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 24.0, "bbox": [0.0, 0.0, 3.0, 8.0],
+         "segmentation": [[0.0, 0.0, 3.0, 0.0, 3.0, 8.0, 0.0, 8.0]]}]}))
 
+    with pytest.raises(FileNotFoundError, match=r"panoptic_stuff_val2017.*prepare_panoptic_fpn\.py"):
+        DatasetCatalog.get(name)
     spec = importlib.util.spec_from_file_location("prepare_panoptic_fpn", REPO / "datasets" / "prepare_panoptic_fpn.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    cli.main(["--panoptic-json", str(tmp_path / "panoptic.json"), "--panoptic-root", str(tmp_path / "pan"),
-              "--output", str(tmp_path / "stuff"), "--workers", "1"])
-    stuff = _png(tmp_path / "stuff" / "000000000001.png")
+    cli.main(["--datasets", name, "--workers", "1", "--validate"])
+
+    stuff = _png(os.path.join(meta.sem_seg_root, "000000000001.png"))
     expected = np.full((8, 10), 255)
     expected[:, :3], expected[:, 3:6], expected[:4, 6:] = 0, 1, 53
     np.testing.assert_array_equal(stuff, expected)
+    (d,) = DatasetCatalog.get(name)
+    assert d["annotations"][0]["category_id"] == 0 and d["sem_seg_file_name"].endswith("000000000001.png")

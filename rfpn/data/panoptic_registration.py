@@ -8,8 +8,9 @@ itself). Names: ``<name>_train_separated`` (training set), ``<name>_val_separate
 and Detectron2's ``..._stuffonly`` siblings.
 
 Detectron2's loaders fail on broken data with bare asserts and KeyErrors far from the cause.
-Here the registered loaders first run :func:`validate_panoptic_dataset`, which names the
-missing or bad file, or the unknown category id, and the command that makes the data;
+Here the synthetic loaders first run :func:`validate_panoptic_dataset`, which names the
+missing or bad file, or the unknown category id, and the command that makes the data; the
+builtin COCO loaders first run the cheap :func:`check_panoptic_paths`;
 :class:`CheckedDatasetMapper` re-raises image decoding errors with the file's name.
 """
 from __future__ import annotations
@@ -33,18 +34,24 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "register_synthetic_panoptic",
+    "check_panoptic_paths",
     "validate_panoptic_dataset",
     "CheckedDatasetMapper",
 ]
 
-_COCO_HINT = (
-    "See datasets/README.md for the COCO panoptic layout; "
-    "make the stuff PNGs with `python datasets/prepare_panoptic_fpn.py`"
+# Detectron2's builtin COCO panoptic sets in the form Panoptic FPN trains on (train / test / quick test).
+COCO_PANOPTIC_SEPARATED = (
+    "coco_2017_train_panoptic_separated",
+    "coco_2017_val_panoptic_separated",
+    "coco_2017_val_100_panoptic_separated",
 )
+_COCO_HINT = "Get COCO 2017 images, instance and panoptic annotations laid out as datasets/README.md shows"
+_STUFF_HINT = "Make the stuff PNGs with `python datasets/prepare_panoptic_fpn.py`"
 
 
-def _hint(meta: Any) -> str:
-    return meta.get("prepare_hint", None) or _COCO_HINT
+def _hint(meta: Any, stuff: bool = False) -> str:
+    """The fix for a missing file: the dataset's own command (synthetic sets) or the COCO steps."""
+    return meta.get("prepare_hint", None) or (_STUFF_HINT if stuff else _COCO_HINT)
 
 
 def _require_file(path: str, what: str, hint: str) -> None:
@@ -65,6 +72,29 @@ def _decode(path: str, what: str) -> np.ndarray:
         raise PanopticFormatError(f"Cannot decode {what} {path}: {e}") from e
 
 
+def check_panoptic_paths(dataset_name: str) -> Any:
+    """Check that the JSONs and folders of a registered "separated" panoptic dataset exist.
+
+    Cheap (no file is read), so it also guards Detectron2's builtin COCO sets. Raises
+    FileNotFoundError naming the path and the fix; returns the dataset's metadata.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    needed = ("panoptic_json", "panoptic_root", "image_root", "sem_seg_root", "json_file")
+    missing = [k for k in needed if meta.get(k, None) is None]
+    if missing:
+        raise ValueError(
+            f"{dataset_name!r} is not a registered 'separated' COCO panoptic dataset (metadata lacks {missing}); "
+            f"registered datasets: {DatasetCatalog.list()}"
+        )
+    hint = _hint(meta)
+    _require_file(meta.panoptic_json, "Panoptic JSON", hint)
+    _require_file(meta.json_file, "Instance JSON", hint)
+    _require_dir(meta.image_root, "Image", hint)
+    _require_dir(meta.panoptic_root, "Panoptic PNG", hint)
+    _require_dir(meta.sem_seg_root, "Stuff PNG", _hint(meta, stuff=True))
+    return meta
+
+
 def validate_panoptic_dataset(dataset_name: str, check_pixels: bool = True, show_progress: bool = False) -> Dict[str, int]:
     """Check a registered "separated" COCO panoptic dataset before Detectron2 loads it.
 
@@ -78,19 +108,8 @@ def validate_panoptic_dataset(dataset_name: str, check_pixels: bool = True, show
     PanopticFormatError (naming the file, image and id). Returns counts:
     ``{"images", "segments", "instances"}``.
     """
-    meta = MetadataCatalog.get(dataset_name)
-    needed = ("panoptic_json", "panoptic_root", "image_root", "sem_seg_root", "json_file")
-    missing = [k for k in needed if meta.get(k, None) is None]
-    if missing:
-        raise ValueError(
-            f"{dataset_name!r} is not a registered 'separated' COCO panoptic dataset (metadata lacks {missing}); "
-            f"registered datasets: {DatasetCatalog.list()}"
-        )
+    meta = check_panoptic_paths(dataset_name)
     hint = _hint(meta)
-    _require_file(meta.panoptic_json, "Panoptic JSON", hint)
-    _require_file(meta.json_file, "Instance JSON", hint)
-    for key, what in (("image_root", "Image"), ("panoptic_root", "Panoptic PNG"), ("sem_seg_root", "Stuff PNG")):
-        _require_dir(meta.get(key), what, hint)
 
     thing_map = meta.thing_dataset_id_to_contiguous_id
     id_map = stuff_id_map(meta.as_dict())
@@ -140,7 +159,7 @@ def validate_panoptic_dataset(dataset_name: str, check_pixels: bool = True, show
         stuff_png = os.path.join(meta.sem_seg_root, stem + ".png")
         _require_file(os.path.join(meta.image_root, stem + ".jpg"), "Image", hint)
         _require_file(pan_png, "Panoptic PNG", hint)
-        _require_file(stuff_png, "Stuff PNG", hint)
+        _require_file(stuff_png, "Stuff PNG", _hint(meta, stuff=True))
         for seg in ann["segments_info"]:
             if int(seg["category_id"]) not in id_map:
                 raise PanopticFormatError(
@@ -169,17 +188,34 @@ def validate_panoptic_dataset(dataset_name: str, check_pixels: bool = True, show
         if bad:
             raise PanopticFormatError(
                 f"Stuff PNG {stuff_png} holds labels {bad}; valid are 0..{num_stuff - 1} and {IGNORE_LABEL}. "
-                f"Re-make it: {hint}"
+                f"{_hint(meta, stuff=True)}"
             )
     return {"images": len(pan["annotations"]), "segments": num_segments, "instances": len(instances["annotations"])}
 
 
-def _checked_loader(checked_name: str, loader: Callable[[], List[Dict[str, Any]]]) -> Callable[[], List[Dict[str, Any]]]:
+def _checked_loader(
+    checked_name: str, loader: Callable[[], List[Dict[str, Any]]], full: bool = True
+) -> Callable[[], List[Dict[str, Any]]]:
     def load() -> List[Dict[str, Any]]:
-        validate_panoptic_dataset(checked_name)
+        if full:
+            validate_panoptic_dataset(checked_name)
+        else:
+            check_panoptic_paths(checked_name)
         return loader()
 
     return load
+
+
+def _guard_builtin_coco() -> None:
+    """Make Detectron2's builtin COCO panoptic loaders say which file is missing and how to make it.
+
+    Only paths are checked: reading COCO's large JSONs twice would slow every training start.
+    """
+    for name in COCO_PANOPTIC_SEPARATED:
+        if name in DatasetCatalog.list():
+            loader = DatasetCatalog[name]
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, _checked_loader(name, loader, full=False))
 
 
 def register_synthetic_panoptic(name: str = "synthetic_panoptic", root: Optional[str] = None) -> List[str]:
@@ -250,4 +286,5 @@ class CheckedDatasetMapper(DatasetMapper):
             raise
 
 
+_guard_builtin_coco()
 register_synthetic_panoptic()
