@@ -65,6 +65,8 @@ def test_registered_names_load_through_dataset_catalog(tiny):
             for ann in d["annotations"]:
                 assert 0 <= ann["category_id"] < 3 and ann["segmentation"] and ann["iscrowd"] == 0
         assert len(DatasetCatalog.get(name.replace("_separated", "_stuffonly"))) == count
+        stats = validate_panoptic_dataset(name)
+        assert stats["images"] == count and stats["instances"] == sum(len(d["annotations"]) for d in dicts)
 
 
 def test_panoptic_png_matches_json_segments(tiny):
