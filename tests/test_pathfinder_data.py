@@ -31,11 +31,23 @@ def _files(folder):
 
 
 @pytest.mark.parametrize(
-    "preset, length, count", [("paper", 9, 4), ("paper", 14, 4), ("paper", 25, 4), ("cpu", 6, 8), ("cpu", 9, 8),
-                              ("cpu", 12, 8), ("cpu", 14, 8)]
+    "preset, length, count, overrides",
+    [
+        ("paper", 9, 4, {}),
+        ("paper", 14, 4, {}),
+        ("paper", 25, 4, {}),
+        ("paper", 14, 3, {"image_size": 100}),
+        ("cpu", 6, 8, {}),
+        ("cpu", 9, 8, {}),
+        ("cpu", 12, 8, {}),
+        ("cpu", 14, 8, {}),
+        ("cpu", 9, 4, {"render_scale": 1.5, "image_size": 80}),  # non-integer reduction
+        ("cpu", 9, 4, {"render_scale": 1.0, "paddle_length": 3.0, "paddle_thickness": 1, "paddle_margin": 2.0,
+                       "marker_radius": 2.0}),
+    ],
 )
-def test_label_is_one_component_with_marker_and_untouched(preset, length, count):
-    settings = dataclasses.replace(PRESETS[preset], contour_length=length)
+def test_label_is_one_component_with_marker_and_untouched(preset, length, count, overrides):
+    settings = dataclasses.replace(PRESETS[preset], contour_length=length, **overrides)
     for i in range(count):
         s = render_sample(settings, sample_rng(7, "train", i))
         size = settings.image_size
@@ -130,6 +142,20 @@ def test_cli_dataset_loads_through_catalog_and_mapper(tmp_path, capsys):
     _cli(tmp_path, "pf_cli_t", "--seed", "3", "--overwrite")
     assert json.load(open(os.path.join(out, "dataset.json")))["seed"] == 3
     assert sorted(os.listdir(os.path.join(str(tmp_path), "pathfinder"))) == ["pf_cli_t"]
+
+
+def test_error_command_remakes_the_same_dataset(tmp_path):
+    out = _cli(tmp_path, "pf_custom", "--image-size", "48", "--num-distractors", "2", "--paddle-margin", "3.5",
+               "--seed", "5")
+    os.remove(os.path.join(out, "test", "index.json"))
+    with pytest.raises(FileNotFoundError) as e:
+        load_pathfinder_dicts("pf_custom", "test", str(tmp_path))
+    command = next(line for line in str(e.value).splitlines() if "prepare_pathfinder.py" in line).split()
+    assert command[:2] == ["python", "datasets/prepare_pathfinder.py"] and command[-1] == "--overwrite"
+    args = gen.build_argument_parser().parse_args(command[2:])
+    made = json.load(open(os.path.join(out, "dataset.json")))
+    assert dataclasses.asdict(gen.settings_from_args(args).resolved()) == made["settings"]
+    assert (args.name, args.seed, args.num_train, args.num_test) == ("pf_custom", 5, 6, 3)
 
 
 def test_standard_names_are_registered():
