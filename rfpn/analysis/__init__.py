@@ -1,0 +1,38 @@
+"""Dynamics analysis of recurrent models: state space, per-step readouts, generalisation, flood fill.
+
+The functions take what a model gives (per-step states or readouts, labels, masks) and return
+numbers; :mod:`rfpn.analysis.figures` draws them. The CLIs are ``tools/analyze_dynamics.py``,
+``tools/generalization_matrix.py``, ``tools/analyze_flood_fill.py`` and ``tools/demo.py``.
+"""
+from .flood_fill import (
+    compare_fill_order,
+    coverage,
+    first_cover_step,
+    flood_fill_steps,
+    interior_point,
+    voronoi_tessellation,
+)
+from .generalization import GeneralizationMatrix
+from .state_space import PCA, KSResult, fit_pca, ks_test, split_densities, stack_states, state_distance
+from .timecourse import StepIoU, fixed_solver, run_steps, select_steps
+
+__all__ = [
+    "PCA",
+    "GeneralizationMatrix",
+    "KSResult",
+    "StepIoU",
+    "compare_fill_order",
+    "coverage",
+    "first_cover_step",
+    "fit_pca",
+    "fixed_solver",
+    "flood_fill_steps",
+    "interior_point",
+    "ks_test",
+    "run_steps",
+    "select_steps",
+    "split_densities",
+    "stack_states",
+    "state_distance",
+    "voronoi_tessellation",
+]

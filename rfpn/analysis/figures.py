@@ -1,0 +1,230 @@
+"""Matplotlib figures of the dynamics analyses, written as PNG files.
+
+Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, so nothing
+here touches pyplot's global state or needs a display. Every function takes plain arrays
+(from :mod:`rfpn.analysis`) and an output path, creates the parent directory and returns
+the path it wrote.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .generalization import GeneralizationMatrix
+from .state_space import KSResult
+
+__all__ = [
+    "plot_distances",
+    "plot_flood_fill",
+    "plot_generalization",
+    "plot_iou_vs_step",
+    "plot_readout_grid",
+    "plot_state_space",
+    "plot_strip",
+]
+
+EARLY_COLOR, LATE_COLOR, EXEMPLAR_COLOR = "tab:red", "tab:blue", "gold"
+
+
+def _save(fig: Figure, path: str, dpi: int = 100) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def _off(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_readout_grid(
+    path: str,
+    timecourses: Mapping[str, np.ndarray],
+    steps: Sequence[int],
+    n: Mapping[str, int],
+    image: np.ndarray | None = None,
+    label: np.ndarray | None = None,
+) -> str:
+    """Rows: models; columns: the readout (contour probability, (T, H, W) per model) at ``steps``.
+
+    The column of each model's training step N is titled in red; ``image`` and ``label``, if
+    given, fill two leading columns.
+    """
+    lead = [a for a in (image, label) if a is not None]
+    cols = len(lead) + len(steps)
+    rows = len(timecourses)
+    fig = Figure(figsize=(1.3 * cols + 0.8, 1.4 * rows + 0.3))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, (name, probs) in enumerate(timecourses.items()):
+        if max(steps) > len(probs):
+            raise ValueError(f"{name}: {len(probs)} steps recorded, the grid asks for step {max(steps)}.")
+        for c, (arr, title) in enumerate(zip(lead, ("image", "label"))):
+            axes[r, c].imshow(arr, cmap="gray")
+            axes[r, c].set_title(title, fontsize=8)
+        for c, t in enumerate(steps, start=len(lead)):
+            axes[r, c].imshow(probs[t - 1], cmap="magma", vmin=0, vmax=1)
+            axes[r, c].set_title(f"t={t}", fontsize=8, color="red" if t == n[name] else "black")
+        axes[r, 0].set_ylabel(name, fontsize=8)
+        for ax in axes[r]:
+            _off(ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_state_space(path: str, panels: Mapping[str, Mapping[str, object]]) -> str:
+    """One panel per model: 2-D histogram of projected states (grey), densities for t <= N (red)
+    and t > N (blue), and one exemplar image's trajectory (gold).
+
+    Each panel maps ``projected`` (T, B, 2), ``densities`` (from
+    :func:`rfpn.analysis.split_densities`), ``n`` and optionally ``exemplar`` (image index, 0).
+    """
+    fig = Figure(figsize=(3.6 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, p) in zip(axes, panels.items()):
+        proj = np.asarray(p["projected"])
+        dens = p["densities"]
+        xs, ys = dens["x"], dens["y"]
+        extent = (xs[0], xs[-1], ys[0], ys[-1])
+        ax.imshow(np.log1p(dens["histogram"]), origin="lower", extent=extent, aspect="auto", cmap="Greys")
+        for key, color in (("early", EARLY_COLOR), ("late", LATE_COLOR)):
+            d = dens[key]
+            if d.max() > 0:
+                ax.contour(xs, ys, d, levels=4, colors=color, linewidths=1.0)
+        traj = proj[:, int(p.get("exemplar", 0))]
+        ax.plot(traj[:, 0], traj[:, 1], "-o", color=EXEMPLAR_COLOR, ms=2, lw=1)
+        n = int(p["n"])
+        ax.plot(traj[n - 1, 0], traj[n - 1, 1], "*", color=EARLY_COLOR, ms=10, label=f"t=N={n}")
+        ax.plot(traj[-1, 0], traj[-1, 1], "*", color=LATE_COLOR, ms=10, label=f"t=T={len(traj)}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("PC 1", fontsize=8)
+        ax.set_ylabel("PC 2", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_distances(
+    path: str,
+    distances: Mapping[str, np.ndarray],
+    ks: Mapping[tuple[str, str], KSResult] | None = None,
+    n: Mapping[str, int] | None = None,
+    t: int | None = None,
+) -> str:
+    """Per-image distance between the states at t = N and t = T: one box per model with its mean,
+    and the pairwise KS tests in the title."""
+    fig = Figure(figsize=(1.6 * len(distances) + 2.4, 3.4))
+    ax = fig.subplots()
+    names = list(distances)
+    data = [np.asarray(distances[k], dtype=np.float64) for k in names]
+    ax.boxplot(data, showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), names, fontsize=8)
+    for i, d in enumerate(data, start=1):
+        ax.plot(i, d.mean(), "D", color="black", ms=4)
+        ax.annotate(f"mean {d.mean():.3g}", (i, d.mean()), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    if any(d.size and d.min() > 0 for d in data) and max(d.max() for d in data) / max(min(d.min() for d in data), 1e-30) > 100:
+        ax.set_yscale("log")
+    label = "|h_T - h_N|" if t is None else f"|h_{t} - h_N|"
+    ax.set_ylabel(label, fontsize=8)
+    if ks:
+        lines = [f"{a} vs {b}: KS D={r.statistic:.2f}, p={r.pvalue:.1e}" for (a, b), r in ks.items()]
+        ax.set_title("\n".join(lines), fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_iou_vs_step(path: str, curves: Mapping[str, np.ndarray], n: Mapping[str, int] | None = None) -> str:
+    """IoU after every step, one line per model; a dashed line marks each model's training N."""
+    fig = Figure(figsize=(5.0, 3.4))
+    ax = fig.subplots()
+    for i, (name, ious) in enumerate(curves.items()):
+        color = f"C{i}"
+        steps = np.arange(1, len(ious) + 1)
+        ax.plot(steps, ious, color=color, label=name)
+        if n and name in n:
+            ax.axvline(n[name], color=color, ls="--", lw=0.8)
+    ax.set_xlabel("step t", fontsize=8)
+    ax.set_ylabel("IoU", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_generalization(path: str, matrix: GeneralizationMatrix) -> str:
+    """Heatmap of IoU (models x test lengths) with values written in, beside IoU-vs-length lines."""
+    values = matrix.as_array()
+    fig = Figure(figsize=(4.0 + 1.2 * len(matrix.test_lengths), 0.5 * len(matrix.models) + 2.6))
+    ax_map, ax_line = fig.subplots(1, 2)
+    im = ax_map.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    labels = [f"{m} (PF-{n})" for m, n in zip(matrix.models, matrix.train_lengths)]
+    ax_map.set_xticks(range(len(matrix.test_lengths)), [f"PF-{n}" for n in matrix.test_lengths], fontsize=8)
+    ax_map.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax_map.set_xlabel("test set", fontsize=8)
+    for (r, c), v in np.ndenumerate(values):
+        if not math.isnan(v):
+            ax_map.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.5 else "black")
+    fig.colorbar(im, ax=ax_map, fraction=0.046)
+    for i, (label, row) in enumerate(zip(labels, values)):
+        ax_line.plot(matrix.test_lengths, row, "-o", color=f"C{i}", label=label, ms=3)
+    ax_line.set_xlabel("test contour length", fontsize=8)
+    ax_line.set_ylabel("IoU", fontsize=8)
+    ax_line.set_ylim(0, 1)
+    ax_line.tick_params(labelsize=7)
+    ax_line.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_flood_fill(
+    path: str, flood: np.ndarray, model: np.ndarray, steps: Sequence[int], comparison: Mapping[str, object]
+) -> str:
+    """Top row: the flood fill of the tessellated ground truth; bottom row: the model's per-step
+    mask probabilities; right: coverage of the ground truth against step for both."""
+    cols = len(steps) + 1
+    fig = Figure(figsize=(1.3 * cols + 1.5, 3.0))
+    axes = fig.subplots(2, cols, squeeze=False, gridspec_kw={"width_ratios": [1] * len(steps) + [2]})
+    for c, t in enumerate(steps):
+        axes[0, c].imshow(flood[min(t, len(flood)) - 1], cmap="magma", vmin=0, vmax=1)
+        axes[1, c].imshow(model[t - 1], cmap="magma", vmin=0, vmax=1)
+        axes[0, c].set_title(f"t={t}", fontsize=8)
+        _off(axes[0, c])
+        _off(axes[1, c])
+    axes[0, 0].set_ylabel("flood fill", fontsize=8)
+    axes[1, 0].set_ylabel("model", fontsize=8)
+    gs = axes[0, -1].get_gridspec()
+    axes[0, -1].remove()
+    axes[1, -1].remove()
+    ax = fig.add_subplot(gs[:, -1])
+    ax.plot(np.arange(1, len(comparison["flood_coverage"]) + 1), comparison["flood_coverage"], label="flood fill")
+    ax.plot(np.arange(1, len(comparison["model_coverage"]) + 1), comparison["model_coverage"], label="model")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("GT covered", fontsize=8)
+    ax.set_title(f"fill-order Spearman {comparison['spearman']:.2f}", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_strip(path: str, frames: Sequence[np.ndarray], titles: Sequence[str], height: float = 1.6) -> str:
+    """A horizontal strip of images (H, W) or (H, W, 3) with a title each (e.g. a mask timecourse)."""
+    if len(frames) != len(titles) or not frames:
+        raise ValueError(f"Need one title per frame and at least one frame; got {len(frames)} and {len(titles)}.")
+    h, w = frames[0].shape[:2]
+    fig = Figure(figsize=(height * w / h * len(frames) + 0.2, height + 0.35))
+    axes = fig.subplots(1, len(frames), squeeze=False)[0]
+    for ax, frame, title in zip(axes, frames, titles):
+        ax.imshow(frame, cmap=None if frame.ndim == 3 else "magma")
+        ax.set_title(title, fontsize=8)
+        _off(ax)
+    fig.tight_layout()
+    return _save(fig, path)

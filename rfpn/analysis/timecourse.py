@@ -1,0 +1,98 @@
+"""What the readout says after every step (the paper's Fig. 1a) and how accurate it is.
+
+- :func:`run_steps`: run a :class:`~rfpn.recurrent.RecurrentDynamics` for exactly ``T`` steps
+  without a graph and return its per-step states (the fixed solver is used for the run, so
+  step ``t`` is really ``F`` applied ``t`` times, whatever solver the model trained with);
+- :class:`StepIoU`: pooled contour IoU (as :class:`~rfpn.evaluation.PathfinderEvaluator`
+  computes it) after every step, accumulated over batches;
+- :func:`select_steps`: which steps an image grid shows.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from rfpn.evaluation import contour_counts
+
+__all__ = ["StepIoU", "fixed_solver", "run_steps", "select_steps"]
+
+
+@contextmanager
+def fixed_solver(dynamics: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily switch ``dynamics`` to the fixed-step solver with no early stop."""
+    if not hasattr(dynamics, "solver") or not hasattr(dynamics, "cell"):
+        raise TypeError(
+            f"Expected a RecurrentDynamics core; got {type(dynamics).__name__}. Step-by-step analysis needs a "
+            "recurrent model (a feed-forward control has no steps to run past N)."
+        )
+    saved = dynamics.solver, dynamics.eps
+    dynamics.solver, dynamics.eps = "fixed", 0.0
+    try:
+        yield dynamics
+    finally:
+        dynamics.solver, dynamics.eps = saved
+
+
+@torch.no_grad()
+def run_steps(dynamics: nn.Module, drive: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Final readout and the list of ``steps`` per-step readouts (steps 1..T) for ``drive``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}.")
+    with fixed_solver(dynamics):
+        out, aux = dynamics(drive, steps=steps, eps=0.0, return_states=True)
+    states = aux["states"]
+    if len(states) != steps:
+        raise RuntimeError(f"The dynamics recorded {len(states)} states for {steps} steps.")
+    return out, states
+
+
+class StepIoU:
+    """Pooled IoU of the contour class (label 1) after every step, over any number of batches.
+
+    ``update(step_probs, labels)``: ``step_probs`` (T, B, H, W) contour probabilities (or
+    (T, B, 2, H, W) class scores), ``labels`` (B, H, W) with 0/1 and ``ignore_label``.
+    """
+
+    def __init__(self, threshold: float = 0.5, ignore_label: int = 255):
+        self.threshold = threshold
+        self.ignore_label = ignore_label
+        self.counts: np.ndarray | None = None
+        self.num_images = 0
+
+    def update(self, step_probs: torch.Tensor, labels: torch.Tensor) -> None:
+        if step_probs.dim() == 5:
+            preds = step_probs.argmax(2)
+        elif step_probs.dim() == 4:
+            preds = (step_probs > self.threshold).long()
+        else:
+            raise ValueError(f"step_probs must be (T, B, H, W) or (T, B, 2, H, W); got {tuple(step_probs.shape)}.")
+        if preds.shape[1:] != labels.shape:
+            raise ValueError(f"Predictions {tuple(preds.shape[1:])} and labels {tuple(labels.shape)} differ in shape.")
+        preds, labels = preds.cpu(), labels.cpu().long()
+        counts = np.stack([contour_counts(p, labels, self.ignore_label) for p in preds])
+        if self.counts is None:
+            self.counts = np.zeros_like(counts)
+        if counts.shape != self.counts.shape:
+            raise ValueError(f"Every batch must have {self.counts.shape[0]} steps; got {counts.shape[0]}.")
+        self.counts += counts
+        self.num_images += labels.shape[0]
+
+    def ious(self) -> np.ndarray:
+        """(T,) IoU after each step (NaN where neither prediction nor label has contour pixels)."""
+        if self.counts is None:
+            raise RuntimeError("StepIoU.ious() called before any update().")
+        inter, union = self.counts[:, 0].astype(np.float64), self.counts[:, 1].astype(np.float64)
+        return np.divide(inter, union, out=np.full_like(inter, np.nan), where=union > 0)
+
+
+def select_steps(total: int, n: int, count: int = 8) -> list[int]:
+    """About ``count`` 1-based steps for a grid: spread over ``1..T`` and always including N and T."""
+    if not 1 <= n <= total:
+        raise ValueError(f"n={n} must lie in 1..{total}.")
+    picks = set(np.unique(np.round(np.linspace(1, total, max(count - 1, 2))).astype(int)).tolist())
+    picks |= {n, total}
+    return sorted(picks)
