@@ -3,8 +3,8 @@
 - :func:`run_steps`: run a :class:`~rfpn.recurrent.RecurrentDynamics` for exactly ``T`` steps
   without a graph and return its per-step states (the fixed solver is used for the run, so
   step ``t`` is really ``F`` applied ``t`` times, whatever solver the model trained with);
-- :class:`StepIoU`: pooled contour IoU (as :class:`~rfpn.evaluation.PathfinderEvaluator`
-  computes it) after every step, accumulated over batches;
+- :class:`StepIoU`: pooled contour IoU (summed intersections over summed unions, the
+  Pathfinder metric) after every step, accumulated over batches;
 - :func:`select_steps`: which steps an image grid shows.
 """
 from __future__ import annotations
@@ -16,25 +16,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from rfpn.evaluation import contour_counts
-
 __all__ = ["StepIoU", "fixed_solver", "run_steps", "select_steps"]
 
 
 @contextmanager
-def fixed_solver(dynamics: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily switch ``dynamics`` to the fixed-step solver with no early stop."""
+def fixed_solver(dynamics: nn.Module, steps: int | None = None) -> Iterator[nn.Module]:
+    """Temporarily switch ``dynamics`` to the fixed-step solver with no early stop and, if
+    ``steps`` is given, that many inference steps (so a model's own forward runs them)."""
     if not hasattr(dynamics, "solver") or not hasattr(dynamics, "cell"):
         raise TypeError(
             f"Expected a RecurrentDynamics core; got {type(dynamics).__name__}. Step-by-step analysis needs a "
             "recurrent model (a feed-forward control has no steps to run past N)."
         )
-    saved = dynamics.solver, dynamics.eps
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}.")
+    saved = dynamics.solver, dynamics.eps, dynamics.test_steps
     dynamics.solver, dynamics.eps = "fixed", 0.0
+    if steps is not None:
+        dynamics.test_steps = steps
     try:
         yield dynamics
     finally:
-        dynamics.solver, dynamics.eps = saved
+        dynamics.solver, dynamics.eps, dynamics.test_steps = saved
 
 
 @torch.no_grad()
@@ -72,8 +75,10 @@ class StepIoU:
             raise ValueError(f"step_probs must be (T, B, H, W) or (T, B, 2, H, W); got {tuple(step_probs.shape)}.")
         if preds.shape[1:] != labels.shape:
             raise ValueError(f"Predictions {tuple(preds.shape[1:])} and labels {tuple(labels.shape)} differ in shape.")
-        preds, labels = preds.cpu(), labels.cpu().long()
-        counts = np.stack([contour_counts(p, labels, self.ignore_label) for p in preds])
+        labels = labels.to(preds.device).long()
+        valid = labels != self.ignore_label
+        p, g = (preds == 1) & valid, (labels == 1) & valid
+        counts = torch.stack([(p & g).flatten(1).sum(1), (p | g).flatten(1).sum(1)], 1).cpu().numpy()
         if self.counts is None:
             self.counts = np.zeros_like(counts)
         if counts.shape != self.counts.shape:
