@@ -87,32 +87,39 @@ class AndersonMixer:
         self.m, self.lam, self.beta = m, lam, beta
         self.count = 0
         self.prev: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.dx: torch.Tensor | None = None
-        self.dg: torch.Tensor | None = None
+        self.dx = self.dg = self.gram = torch.empty(0)
 
     def step(self, x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
-        """Next iterate from the current one ``x`` and its image ``fx`` (both ``(B, D)``)."""
+        """Next iterate from the current one ``x`` and its image ``fx`` (both ``(B, D)``).
+
+        Each call reads the history a few times (Gram row and right-hand side in one
+        product, the extrapolation in two) and keeps the small Gram matrix up to date.
+        """
         g = fx - x
         plain = x + self.beta * g
-        if self.prev is not None:
-            if self.dx is None:
-                self.dx = x.new_zeros(x.shape[0], self.m, x.shape[1])
-                self.dg = x.new_zeros(x.shape[0], self.m, x.shape[1])
-            slot = self.count % self.m
-            self.dx[:, slot] = x - self.prev[0]
-            self.dg[:, slot] = g - self.prev[1]
-            self.count += 1
-        self.prev = (x, g)
-        if self.count == 0:
+        if self.prev is None:
+            self.prev = (x, g)
             return plain
+        if self.count == 0:
+            self.dx = x.new_zeros(x.shape[0], self.m, x.shape[1])
+            self.dg = x.new_zeros(x.shape[0], self.m, x.shape[1])
+            self.gram = torch.zeros(x.shape[0], self.m, self.m, dtype=torch.float64, device=x.device)
+        slot = self.count % self.m
+        self.dx[:, slot] = x - self.prev[0]
+        self.dg[:, slot] = g - self.prev[1]
+        self.prev = (x, g)
+        self.count += 1
         k = min(self.count, self.m)
         dx, dg = self.dx[:, :k], self.dg[:, :k]
-        gram = torch.bmm(dg, dg.transpose(1, 2)).double()
-        rhs = torch.bmm(dg, g.unsqueeze(2)).double()
+        products = torch.bmm(dg, torch.stack([g, self.dg[:, slot]], 2)).double()  # (B, k, 2)
+        self.gram[:, slot, :k] = products[:, :, 1]
+        self.gram[:, :k, slot] = products[:, :, 1]
+        gram = self.gram[:, :k, :k]
         ridge = self.lam * gram.diagonal(dim1=1, dim2=2).mean(1) + torch.finfo(torch.float64).tiny
         eye = torch.eye(k, dtype=torch.float64, device=x.device)
-        gamma = torch.linalg.solve(gram + ridge.view(-1, 1, 1) * eye, rhs).to(x.dtype)
-        mixed = plain - torch.bmm((dx + self.beta * dg).transpose(1, 2), gamma).squeeze(2)
+        gamma = torch.linalg.solve(gram + ridge.view(-1, 1, 1) * eye, products[:, :, :1]).to(x.dtype)
+        weights = gamma.transpose(1, 2)  # (B, 1, k)
+        mixed = plain - torch.bmm(weights, dx).squeeze(1) - self.beta * torch.bmm(weights, dg).squeeze(1)
         ok = torch.isfinite(mixed).all(1) & torch.isfinite(gamma).flatten(1).all(1)
         return torch.where(ok.unsqueeze(1), mixed, plain)
 
