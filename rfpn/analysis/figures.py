@@ -90,8 +90,9 @@ def plot_state_space(path: str, panels: Mapping[str, Mapping[str, object]]) -> s
         proj = np.asarray(p["projected"])
         dens = p["densities"]
         xs, ys = dens["x"], dens["y"]
-        extent = (xs[0], xs[-1], ys[0], ys[-1])
-        ax.imshow(np.log1p(dens["histogram"]), origin="lower", extent=extent, aspect="auto", cmap="Greys")
+        pts = proj.reshape(-1, 2)
+        ax.hexbin(pts[:, 0], pts[:, 1], gridsize=40, cmap="Greys", mincnt=1, bins="log",
+                  extent=(xs[0], xs[-1], ys[0], ys[-1]))
         for key, color in (("early", EARLY_COLOR), ("late", LATE_COLOR)):
             d = dens[key]
             if d.max() > 0:

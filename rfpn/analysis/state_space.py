@@ -107,8 +107,7 @@ def split_densities(
     """Gaussian kernel densities of 2-D projected states for steps ``1..n`` and ``n+1..T``.
 
     ``projected``: (T, B, 2). Returns ``x``, ``y`` (grid axes), ``early`` and ``late``
-    (``grid x grid`` densities, rows along y; ``late`` is all zeros when ``T <= n``) and the
-    2-D ``histogram`` of all points on the same grid.
+    (``grid x grid`` densities, rows along y; ``late`` is all zeros when ``T <= n``).
     """
     p = np.asarray(projected, dtype=np.float64)
     if p.ndim != 3 or p.shape[2] != 2:
@@ -132,8 +131,7 @@ def split_densities(
             jitter = flat + np.random.default_rng(0).normal(scale=1e-6 + 1e-3 * pad.mean(), size=flat.shape)
             return stats.gaussian_kde(jitter.T)(where).reshape(gx.shape)
 
-    hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=grid, range=[[ys[0], ys[-1]], [xs[0], xs[-1]]])
-    return {"x": xs, "y": ys, "early": density(p[:n]), "late": density(p[n:]), "histogram": hist}
+    return {"x": xs, "y": ys, "early": density(p[:n]), "late": density(p[n:])}
 
 
 @dataclass
