@@ -197,11 +197,21 @@ def _checked_loader(
     checked_name: str, loader: Callable[[], List[Dict[str, Any]]], full: bool = True
 ) -> Callable[[], List[Dict[str, Any]]]:
     def load() -> List[Dict[str, Any]]:
-        if full:
-            validate_panoptic_dataset(checked_name)
-        else:
-            check_panoptic_paths(checked_name)
-        return loader()
+        try:
+            if full:
+                validate_panoptic_dataset(checked_name)
+            else:
+                check_panoptic_paths(checked_name)
+            return loader()
+        except (KeyError, TypeError, IndexError, AttributeError, AssertionError, UnicodeDecodeError,
+                json.JSONDecodeError) as e:
+            # Structurally malformed JSON reaches code that indexes it (ours or Detectron2's):
+            # name the annotation files instead of the line that tripped.
+            meta = MetadataCatalog.get(checked_name)
+            raise PanopticFormatError(
+                f"The annotations of {checked_name!r} are malformed ({type(e).__name__}: {e}); check "
+                f"{meta.get('panoptic_json', None)} and {meta.get('json_file', None)}. {_hint(meta)}"
+            ) from e
 
     return load
 
@@ -260,7 +270,7 @@ def register_synthetic_panoptic(name: str = "synthetic_panoptic", root: Optional
 
 
 class CheckedDatasetMapper(DatasetMapper):
-    """Detectron2's ``DatasetMapper`` whose image / PNG decoding errors name the bad file.
+    """Detectron2's ``DatasetMapper`` whose image / PNG decoding and annotation errors name the bad file.
 
     A corrupt JPEG or stuff PNG otherwise surfaces as a bare PIL error inside a data-loader
     worker. Use it as ``build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))``.
@@ -269,7 +279,7 @@ class CheckedDatasetMapper(DatasetMapper):
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         try:
             return super().__call__(dataset_dict)
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError) as e:
             for key in ("file_name", "sem_seg_file_name", "pan_seg_file_name"):
                 path = dataset_dict.get(key)
                 if path is None:
@@ -283,6 +293,11 @@ class CheckedDatasetMapper(DatasetMapper):
                     raise PanopticFormatError(
                         f"Cannot decode {key} {path} of image {dataset_dict.get('image_id')}: {decode_error}"
                     ) from e
+            if isinstance(e, (TypeError, KeyError, IndexError)):  # junk in the image's annotation dicts
+                raise PanopticFormatError(
+                    f"The annotations of image {dataset_dict.get('image_id')} ({dataset_dict.get('file_name')}) are "
+                    f"malformed ({type(e).__name__}: {e}); check the dataset's instance JSON."
+                ) from e
             raise
 
 

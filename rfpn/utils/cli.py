@@ -1,0 +1,142 @@
+"""Clear command-line errors for rfpn's tools.
+
+A misspelt config key or a missing file should end a command with one line that names the
+problem and the fix, not with a traceback from deep inside yacs or PIL. Tools load their config
+with :func:`load_config` (which raises :class:`UsageError`) and run their entry point through
+:func:`run_cli`:
+
+- :class:`UsageError` (command-line misuse: a missing config file, an unknown key or dataset,
+  a bad value): ``<tool>: error: <message>`` on stderr, exit code 2 (as ``argparse`` does);
+- ``OSError`` / ``ValueError`` (the data layer's clear errors, e.g. a truncated image named with
+  the command that regenerates it): the same one-line form, exit code 1.
+
+Set ``RFPN_TRACEBACK=1`` to print the full traceback as well.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+import traceback
+from typing import Any, Callable, Iterable, Sequence
+
+import yaml
+from detectron2.config import CfgNode, get_cfg
+
+__all__ = ["UsageError", "load_config", "check_registered_datasets", "run_cli", "short_message"]
+
+
+class UsageError(Exception):
+    """Command-line misuse, with a message that names the problem and the fix."""
+
+
+def _all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys += _all_keys(v, full + ".") if isinstance(v, CfgNode) else [full]
+    return keys
+
+
+def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> UsageError:
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return UsageError(
+        f"Unknown config key {key} ({source}).{hint} Fix the spelling or remove it; rfpn's keys are listed in "
+        "rfpn/config.py, Detectron2's in detectron2/config/defaults.py."
+    )
+
+
+def load_config(
+    config_file: str,
+    opts: Sequence[str] = (),
+    add_config: Callable[[CfgNode], None] | None = None,
+    validators: Iterable[Callable[[CfgNode], None]] = (),
+) -> CfgNode:
+    """``get_cfg()`` + ``add_config`` + the YAML file + ``KEY VALUE`` overrides, checked, not frozen.
+
+    Raises :class:`UsageError` naming the file or key for a missing or unparsable file, an unknown
+    key, an odd number of overrides, a value of the wrong type, or a value a ``validators``
+    function rejects (``ValueError``).
+    """
+    if add_config is None:
+        from rfpn.config import add_rfpn_config as add_config
+    cfg = get_cfg()
+    add_config(cfg)
+    if not config_file:
+        raise UsageError("No config given: pass --config-file, e.g. --config-file configs/Pathfinder/cpu/Base-Pathfinder-CPU.yaml.")
+    if not os.path.isfile(config_file):
+        raise UsageError(
+            f"Config file {config_file!r} does not exist. Pass the path of a YAML config; rfpn's are under configs/ "
+            "(Pathfinder/, COCO-PanopticSegmentation/, Synthetic-Panoptic/)."
+        )
+    if len(opts) % 2:
+        raise UsageError(
+            f"Config overrides must come in KEY VALUE pairs; got {len(opts)} words: {' '.join(map(str, opts))}."
+        )
+    for source, merge, arg in (
+        (f"in {config_file}", cfg.merge_from_file, config_file),
+        ("on the command line", cfg.merge_from_list, list(opts)),
+    ):
+        try:
+            merge(arg)
+        except yaml.YAMLError as e:
+            raise UsageError(f"Config file {config_file} is not valid YAML ({e}). Fix its syntax.") from None
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            message = str(e.args[0]) if e.args else str(e)
+            # yacs says "Non-existent config key: K" (files) or "Non-existent key: K" (overrides).
+            match = re.match(r"Non-existent (?:config )?key: (\S+)", message)
+            if match:
+                raise _unknown_key_error(cfg, match.group(1), source) from None
+            raise UsageError(f"Bad config value {source}: {message}") from None
+    for validate in validators:
+        try:
+            validate(cfg)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return cfg
+
+
+def check_registered_datasets(cfg: CfgNode, keys: Sequence[str] = ("TRAIN", "TEST")) -> None:
+    """Raise :class:`UsageError` for any name in ``DATASETS.<key>`` that no one registered."""
+    from detectron2.data import DatasetCatalog
+
+    known = set(DatasetCatalog.list())
+    for key in keys:
+        for name in cfg.DATASETS.get(key):
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+                hint = f" Did you mean {' or '.join(close)}?" if close else ""
+                raise UsageError(
+                    f"DATASETS.{key} names {name!r}, which is not a registered dataset.{hint} Pathfinder sets are "
+                    "made by datasets/prepare_pathfinder.py and synthetic panoptic sets by "
+                    "datasets/prepare_synthetic_panoptic.py (see datasets/README.md); set $DETECTRON2_DATASETS to "
+                    "the root they were written to."
+                )
+
+
+def short_message(error: BaseException) -> str:
+    """The error's own message; for an error re-raised from a worker, the original's last line."""
+    text = str(error).strip() or type(error).__name__
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1]
+        head, sep, tail = text.partition(": ")
+        if sep and head.replace(".", "").isidentifier():  # "OSError: Cannot read ..." -> "Cannot read ..."
+            text = tail
+    return text
+
+
+def run_cli(main: Callable[..., Any], *args: Any, prog: str | None = None) -> Any:
+    """Call ``main(*args)``; turn :class:`UsageError` (exit 2) and ``OSError``/``ValueError`` (exit 1) into one line."""
+    prog = prog or os.path.basename(sys.argv[0]) or "rfpn"
+    try:
+        return main(*args)
+    except UsageError as e:
+        code, error = 2, e
+    except (OSError, ValueError) as e:
+        code, error = 1, e
+    if os.environ.get("RFPN_TRACEBACK"):
+        traceback.print_exception(error)
+    print(f"{prog}: error: {short_message(error)}", file=sys.stderr)
+    sys.exit(code)

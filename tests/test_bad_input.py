@@ -1,0 +1,292 @@
+"""Bad input: fuzzed dataset files for both tasks, and the command-line config checks.
+
+The fuzz cases copy a tiny generated dataset, damage one file (random bytes, a truncated
+prefix, a wrong image mode or size, or a JSON document with one value replaced by junk), and
+load every record through the task's loader and mapper. Each case must either load or raise the
+project's clear error: an ``OSError`` / ``ValueError`` whose message names a file of that
+dataset. Any other exception, or a hang (a 20 s alarm per case), fails the test.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog
+from PIL import Image
+
+from rfpn import model_zoo
+from rfpn.data import CheckedDatasetMapper, PathfinderDatasetMapper, register_synthetic_panoptic
+from rfpn.data.pathfinder import load_pathfinder_dicts
+from rfpn.data.pathfinder_generator import PRESETS, generate_pathfinder
+from rfpn.data.synthetic_panoptic import generate_synthetic_panoptic
+from rfpn.utils import UsageError, check_registered_datasets, load_config, run_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PF_CONFIG = os.path.join(REPO, "configs", "Pathfinder", "cpu", "Base-Pathfinder-CPU.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage makers: each takes the file's bytes and an RNG and returns the damaged bytes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_bytes(data: bytes, rng: random.Random) -> bytes:
+    return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+
+
+def _truncated(data: bytes, rng: random.Random) -> bytes:
+    return data[: rng.randint(0, max(0, len(data) - 1))]
+
+
+def _empty(data: bytes, rng: random.Random) -> bytes:
+    return b""
+
+
+def _flipped_bytes(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    for _ in range(8):
+        out[rng.randrange(len(out))] = rng.getrandbits(8)
+    return bytes(out)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _rgb_png(data: bytes, rng: random.Random) -> bytes:
+    return _png(np.full((8, 8, 3), 255, np.uint8))
+
+
+def _gray_png(data: bytes, rng: random.Random) -> bytes:
+    return _png(np.full((9, 7), 7, np.uint8))
+
+
+_JUNK = [None, -1, 0, 3.5, 10**12, "", "x", "../../nope.png", [], {}, [1, "a"], {"a": 1}, True]
+
+
+def _paths(value, prefix=()):
+    """Every path (tuple of keys / indices) into a JSON document."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:3]):
+            yield from _paths(v, prefix + (i,))
+
+
+def _json_mutation(data: bytes, rng: random.Random) -> bytes:
+    """The document with one value (anywhere, the root included) replaced by junk or deleted."""
+    doc = json.loads(data)
+    path = rng.choice(list(_paths(doc)))
+    junk = rng.choice(_JUNK)
+    if not path:
+        return json.dumps(junk).encode()
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if rng.random() < 0.3:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = junk
+    return json.dumps(doc).encode()
+
+
+BYTE_DAMAGE = [_random_bytes, _truncated, _empty, _flipped_bytes]
+PNG_DAMAGE = BYTE_DAMAGE + [_rgb_png, _gray_png]
+JSON_DAMAGE = [_random_bytes, _truncated, _empty] + [_json_mutation] * 8
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    def fail(signum, frame):
+        raise TimeoutError(f"loading did not finish within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _assert_loads_or_clear_error(load, dataset_dir: str, case: str) -> None:
+    """``load()`` succeeds, or raises OSError/ValueError naming a file of ``dataset_dir``."""
+    try:
+        with _time_limit(20):
+            load()
+    except (OSError, ValueError) as e:
+        if isinstance(e, TimeoutError):
+            raise AssertionError(f"{case}: hung") from e
+        message = str(e)
+        assert os.path.basename(dataset_dir) in message, f"{case}: the error does not name the file: {message!r}"
+        assert len(message) < 2000, f"{case}: the error is not short: {message[:300]}..."
+
+
+def _damage(path: str, how, seed: int) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(how(data, random.Random(seed)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pathfinder: rfpn/data/pathfinder.py (index) + PathfinderDatasetMapper (PNGs)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pathfinder_source(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pf_fuzz"))
+    settings = dataclasses.replace(PRESETS["cpu"], contour_length=3, image_size=24, paddle_length=4.0, paddle_margin=2.0,
+                                   marker_radius=2.0, distractor_paddles=3)
+    generate_pathfinder("pf_src", settings, 2, 1, seed=0, root=root, workers=1, preset="cpu", progress=False)
+    return root
+
+
+def _pathfinder_cases():
+    files = [("train/index.json", JSON_DAMAGE), ("train/images/{0}", PNG_DAMAGE), ("train/labels/{0}", PNG_DAMAGE)]
+    return [(f, how, seed) for f, damages in files for seed, how in enumerate(damages)]
+
+
+@pytest.mark.parametrize("rel,how,seed", _pathfinder_cases(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_pathfinder_loader_fuzz(pathfinder_source, rel, how, seed):
+    root = pathfinder_source
+    name = f"pf_fuzz_{rel.split('/')[1].split('.')[0]}_{seed}"
+    src, dst = os.path.join(root, "pathfinder", "pf_src"), os.path.join(root, "pathfinder", name)
+    shutil.copytree(src, dst)
+    if "{0}" in rel:
+        folder = os.path.join(dst, os.path.dirname(rel))
+        rel = rel.format(sorted(os.listdir(folder))[0])
+    _damage(os.path.join(dst, rel), how, seed)
+    mapper = PathfinderDatasetMapper(is_train=True, flip=True)
+
+    def load():
+        for d in load_pathfinder_dicts(name, "train", root):
+            out = mapper(d)
+            assert out["image"].shape[-2:] == out["sem_seg"].shape
+
+    _assert_loads_or_clear_error(load, dst, f"{rel} damaged by {how.__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Panoptic: rfpn/data/panoptic_registration.py (validated registration) + CheckedDatasetMapper
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def panoptic_source(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("pan_fuzz"))
+    generate_synthetic_panoptic(root, "pan_src", num_train=2, num_test=1, image_size=32, seed=0, workers=1,
+                                show_progress=False)
+    cfg = model_zoo.get_config("Synthetic-Panoptic/panoptic_fpn_R_18.yaml")
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", (32,), "INPUT.MAX_SIZE_TRAIN", 32])
+    return root, cfg
+
+
+def _panoptic_cases():
+    files = [
+        ("annotations/panoptic_train.json", JSON_DAMAGE),
+        ("annotations/instances_train.json", JSON_DAMAGE),
+        ("panoptic_train/{0}", PNG_DAMAGE),
+        ("panoptic_stuff_train/{0}", PNG_DAMAGE),
+        ("train/{0}", BYTE_DAMAGE),
+    ]
+    return [(f, how, seed) for f, damages in files for seed, how in enumerate(damages)]
+
+
+@pytest.mark.parametrize("rel,how,seed", _panoptic_cases(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_panoptic_loader_fuzz(panoptic_source, rel, how, seed):
+    root, cfg = panoptic_source
+    name = f"pan_fuzz_{rel.split('/')[0].split('.')[0]}_{rel.split('/')[-1].split('.')[0]}_{seed}".replace("{0}", "png")
+    src, dst = os.path.join(root, "pan_src"), os.path.join(root, name)
+    shutil.copytree(src, dst)
+    if "{0}" in rel:
+        folder = os.path.join(dst, os.path.dirname(rel))
+        rel = rel.format(sorted(os.listdir(folder))[0])
+    _damage(os.path.join(dst, rel), how, seed)
+    train, _ = register_synthetic_panoptic(name, root)
+    mapper = CheckedDatasetMapper(cfg, is_train=True)
+
+    def load():
+        for d in DatasetCatalog.get(train):
+            out = mapper(d)
+            assert out["image"].shape[0] == 3
+
+    _assert_loads_or_clear_error(load, dst, f"{rel} damaged by {how.__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line checks: rfpn.utils.cli
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_config_file_names_it():
+    with pytest.raises(UsageError, match=r"'configs/nope\.yaml' does not exist.*configs/"):
+        load_config("configs/nope.yaml")
+
+
+def test_unknown_config_key_names_key_and_suggests(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_BASE_: {PF_CONFIG}\nMODEL:\n  RECURRENT:\n    STEPZ: 3\n")
+    with pytest.raises(UsageError, match=r"Unknown config key MODEL\.RECURRENT\.STEPZ \(in .*bad\.yaml\)\. "
+                                         r"Did you mean MODEL\.RECURRENT\.STEPS"):
+        load_config(str(bad))
+    with pytest.raises(UsageError, match=r"Unknown config key SOLVER\.BASE_LRR \(on the command line\)"):
+        load_config(PF_CONFIG, ["SOLVER.BASE_LRR", "0.1"])
+    with pytest.raises(UsageError, match="KEY VALUE pairs"):
+        load_config(PF_CONFIG, ["SOLVER.BASE_LR"])
+    bad.write_text("MODEL: [unclosed\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_bad_config_value_names_key():
+    from rfpn.config import validate_training_safety_config
+
+    with pytest.raises(UsageError, match=r"SOLVER\.NONFINITE='maybe' is not valid; allowed values: raise, skip"):
+        load_config(PF_CONFIG, ["SOLVER.NONFINITE", "maybe"], validators=[validate_training_safety_config])
+    cfg = load_config(PF_CONFIG, ["SOLVER.NONFINITE", "skip"], validators=[validate_training_safety_config])
+    assert cfg.SOLVER.NONFINITE == "skip"
+
+
+def test_unknown_dataset_name_suggests_registered_one():
+    cfg = load_config(PF_CONFIG, ["DATASETS.TRAIN", "('pathfinder_cpu9_trian',)"])
+    with pytest.raises(UsageError, match=r"DATASETS\.TRAIN names 'pathfinder_cpu9_trian'.*Did you mean "
+                                         r"pathfinder_cpu9_train.*prepare_pathfinder\.py"):
+        check_registered_datasets(cfg)
+
+
+def test_run_cli_prints_one_line_and_exit_codes(capsys):
+    def misuse():
+        raise UsageError("Config file 'x.yaml' does not exist.")
+
+    def damaged_in_worker():  # how a DataLoader worker's error reaches the main process
+        raise OSError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                      '  File "a.py", line 1, in f\nOSError: Cannot read Pathfinder image /d/0.png (truncated).')
+
+    def bug():
+        raise RuntimeError("not a known input error")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(misuse, prog="tool")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "tool: error: Config file 'x.yaml' does not exist.\n"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(damaged_in_worker, prog="tool")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "tool: error: Cannot read Pathfinder image /d/0.png (truncated).\n"
+    with pytest.raises(RuntimeError):  # anything else keeps its traceback
+        run_cli(bug, prog="tool")
+    assert run_cli(lambda x: x + 1, 1) == 2
