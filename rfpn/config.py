@@ -53,11 +53,20 @@ def add_rfpn_mask_head_config(cfg: CN) -> None:
     _C.TIMECOURSE = False  # RecurrentMaskHead at test time: add per-step mask logits as pred_mask_step_logits
 
 
+def add_diagnostics_config(cfg: CN) -> None:
+    """``DIAGNOSTICS``: stability diagnostics of the recurrent cores during training (``RecurrentDiagnosticsHook``)."""
+    cfg.DIAGNOSTICS = CN()
+    cfg.DIAGNOSTICS.PERIOD = 0  # every PERIOD iterations write spectral norm, LCP, residual, Neumann terms to the event storage (0: off)
+    cfg.DIAGNOSTICS.POWER_ITERS = 20  # power iterations for the estimate of the Jacobian's spectral norm
+    cfg.DIAGNOSTICS.MAX_SAMPLES = 4  # samples of the iteration's drive to diagnose (0: the whole batch)
+
+
 def add_rfpn_config(cfg: CN) -> None:
     """Add every rfpn key to ``cfg`` (in place)."""
     add_recurrent_config(cfg)
     add_pathfinder_data_config(cfg)
     add_rfpn_mask_head_config(cfg)
+    add_diagnostics_config(cfg)
 
 
 def _require_choice(name: str, value, allowed) -> None:
@@ -114,3 +123,16 @@ def validate_rfpn_mask_head_config(cfg: CN) -> None:
 def validate_pathfinder_data_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key and the allowed values for a bad Pathfinder data setting."""
     _require_choice("INPUT.PATHFINDER_FLIP", cfg.INPUT.PATHFINDER_FLIP, (True, False))
+
+
+def validate_diagnostics_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and the allowed values for a bad ``DIAGNOSTICS`` setting."""
+    d = cfg.DIAGNOSTICS
+    checks = {
+        "PERIOD": (d.PERIOD >= 0, "0 (off) or an integer >= 1"),
+        "POWER_ITERS": (d.POWER_ITERS >= 1, "an integer >= 1"),
+        "MAX_SAMPLES": (d.MAX_SAMPLES >= 0, "0 (whole batch) or an integer >= 1"),
+    }
+    for key, (ok, allowed) in checks.items():
+        if not ok:
+            raise ValueError(f"DIAGNOSTICS.{key}={getattr(d, key)!r} is not valid; allowed values: {allowed}.")

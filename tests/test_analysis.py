@@ -185,3 +185,41 @@ def test_every_figure_file_is_written(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", p
+
+
+def test_diagnostics_hook_writes_stability_scalars_every_period():
+    from detectron2.config import get_cfg
+    from detectron2.engine import SimpleTrainer
+
+    from rfpn.config import add_rfpn_config
+    from rfpn.engine.diagnostics_hook import build_diagnostics_hook
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.core = RecurrentDynamics(HGRUCell(2, 3, norm="gn", timesteps=4), steps=4, grad="crbp")
+
+        def forward(self, x):
+            h, aux = self.core(x)
+            return {"loss": h.mean(), "loss_lcp": aux["penalty"]}
+
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    assert build_diagnostics_hook(cfg) is None  # off by default
+    cfg.DIAGNOSTICS.PERIOD = 2
+    cfg.DIAGNOSTICS.POWER_ITERS = 3
+    cfg.DIAGNOSTICS.MAX_SAMPLES = 1
+    torch.manual_seed(0)
+    model = Tiny()
+    data = iter([torch.rand(2, 2, 5, 5) for _ in range(4)])
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer.register_hooks([build_diagnostics_hook(cfg)])
+    trainer.train(0, 4)
+    hist = trainer.storage.history("diagnostics/core/spectral_norm")
+    assert [it for _, it in hist.values()] == [1, 3]
+    assert all(0 < v < 5 for v, _ in hist.values())
+    for name in ("lcp", "max_column_sum", "relative_residual", "neumann_terms"):
+        assert len(trainer.storage.history(f"diagnostics/core/{name}").values()) == 2
+    cfg.DIAGNOSTICS.POWER_ITERS = 0
+    with pytest.raises(ValueError, match="DIAGNOSTICS.POWER_ITERS"):
+        build_diagnostics_hook(cfg)
