@@ -12,6 +12,7 @@ from detectron2.config import CfgNode as CN
 from rfpn.recurrent import BACKWARD_SOLVERS, GATES, GRADS, NORMS, SOLVERS
 
 CELLS = ("hgru", "convlstm")
+NONFINITE_MODES = ("raise", "skip")
 
 
 def add_recurrent_config(cfg: CN) -> None:
@@ -61,9 +62,15 @@ def add_diagnostics_config(cfg: CN) -> None:
     cfg.DIAGNOSTICS.MAX_SAMPLES = 4  # samples of the iteration's drive to diagnose (0: the whole batch)
 
 
+def add_training_safety_config(cfg: CN) -> None:
+    """Keys of rfpn's trainer (``ResilientTrainer``) for divergence handling."""
+    cfg.SOLVER.NONFINITE = "raise"  # NaN/inf loss, recurrent state or gradient: "raise" (stop, naming iteration + term) or "skip" (drop the batch, count it)
+
+
 def add_rfpn_config(cfg: CN) -> None:
     """Add every rfpn key to ``cfg`` (in place)."""
     add_recurrent_config(cfg)
+    add_training_safety_config(cfg)
     add_pathfinder_data_config(cfg)
     add_rfpn_mask_head_config(cfg)
     add_diagnostics_config(cfg)
@@ -72,6 +79,11 @@ def add_rfpn_config(cfg: CN) -> None:
 def _require_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not valid; allowed values: {', '.join(map(str, allowed))}.")
+
+
+def validate_training_safety_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and the allowed values for a bad divergence-handling setting."""
+    _require_choice("SOLVER.NONFINITE", cfg.SOLVER.NONFINITE, NONFINITE_MODES)
 
 
 def validate_recurrent_config(cfg: CN) -> None:

@@ -1,0 +1,79 @@
+"""``ResilientTrainer``: Detectron2's ``DefaultTrainer`` made to scale out on CPUs and to survive divergence.
+
+Differences from ``DefaultTrainer`` (everything else, including checkpointing and ``--resume``,
+is Detectron2's own):
+
+- the model is wrapped by :func:`rfpn.engine.ddp.create_ddp_model`, so multi-process training
+  works on the CPU (GLOO) as well as on GPUs (NCCL);
+- the step runs in :class:`~rfpn.engine.train_loop.NonFiniteGuardTrainer`, which stops with a
+  message naming the iteration and the failing loss term / recurrent step / parameter, or skips
+  the batch, as ``SOLVER.NONFINITE`` says (with ``SOLVER.AMP.ENABLED`` Detectron2's
+  ``AMPTrainer`` runs instead: its gradient scaler already skips non-finite steps);
+- :class:`~rfpn.engine.hooks.NeumannCapHook` logs how often an implicit backward hit its norm cap;
+- a multi-process run ends by checking that every rank holds the same weights.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, TrainerBase
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from rfpn.config import validate_training_safety_config
+
+from .ddp import check_replicas_in_sync, create_ddp_model
+from .hooks import NeumannCapHook, find_dynamics
+from .train_loop import NonFiniteGuardTrainer
+
+__all__ = ["ResilientTrainer"]
+
+
+class ResilientTrainer(DefaultTrainer):
+    """``DefaultTrainer`` with a CPU-capable DDP wrapper, a non-finite guard and Neumann cap logging."""
+
+    def __init__(self, cfg: CfgNode):
+        # The body of DefaultTrainer.__init__, in its order, with rfpn's DDP wrapper and step guard.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        validate_training_safety_config(cfg)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, broadcast_buffers=False)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = AMPTrainer(model, data_loader, optimizer)
+        else:
+            self._trainer = NonFiniteGuardTrainer(model, data_loader, optimizer, nonfinite=cfg.SOLVER.NONFINITE)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> list[HookBase | None]:
+        """Detectron2's default hooks, with :class:`NeumannCapHook` first when the model has recurrent dynamics.
+
+        First, so that the checkpointer and the writers that follow see this step's count.
+        """
+        hooks = super().build_hooks()
+        if find_dynamics(self.model):
+            hooks.insert(0, NeumannCapHook())
+        return hooks
+
+    def train(self):
+        """Detectron2's training loop; then, with several processes, check the replicas stayed identical."""
+        results = super().train()
+        if comm.get_world_size() > 1:
+            check_replicas_in_sync(self.model)
+        return results

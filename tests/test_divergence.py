@@ -1,0 +1,152 @@
+"""Divergence handling: NonFiniteGuardTrainer (raise / skip) and NeumannCapHook, on a tiny recurrent model."""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from rfpn.engine.hooks import NeumannCapHook, find_dynamics
+from rfpn.engine.train_loop import NonFiniteGuardTrainer
+from rfpn.recurrent import HGRUCell, RecurrentDynamics
+
+
+class TinyRecurrent(nn.Module):
+    """Drive -> hGRU dynamics -> mean readout; ``loss_fit`` plus an optional poisoned term.
+
+    A batch dict may carry ``poison`` (added to the loss term ``loss_extra``) and ``scale`` (multiplies
+    the drive: a huge scale makes the recurrent state overflow).
+    """
+
+    def __init__(self, grad: str = "rbp", norm_cap: float = 100.0):
+        super().__init__()
+        self.inp = nn.Conv2d(1, 4, 3, padding=1)
+        self.dynamics = RecurrentDynamics(HGRUCell(4, 3, norm="none"), steps=3, grad=grad, neumann_steps=5,
+                                          neumann_norm_cap=norm_cap)
+
+    def forward(self, batch: dict) -> dict:
+        h, _ = self.dynamics(self.inp(batch["x"]) * batch.get("scale", 1.0))
+        out = {"loss_fit": (h.mean() - 1.0) ** 2}
+        if "poison" in batch:
+            out["loss_extra"] = h.mean() * 0 + batch["poison"]
+        return out
+
+
+def _batches(special: dict[int, dict]):
+    """An endless loader; batch ``i`` gets the extra keys ``special[i]``."""
+    g = torch.Generator().manual_seed(0)
+    for i in itertools.count():
+        yield {"x": torch.rand(2, 1, 6, 6, generator=g), **special.get(i, {})}
+
+
+def _trainer(special: dict[int, dict], nonfinite: str, **model_kw) -> NonFiniteGuardTrainer:
+    torch.manual_seed(0)
+    model = TinyRecurrent(**model_kw)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return NonFiniteGuardTrainer(model, _batches(special), optimizer, nonfinite=nonfinite)
+
+
+def _weights(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+class _Snapshots:
+    """Record the weights after every step (a hook)."""
+
+    def __init__(self, trainer):
+        from detectron2.engine import HookBase
+
+        snaps = self.snaps = []
+
+        class Hook(HookBase):
+            def after_step(self):
+                snaps.append(_weights(self.trainer.model))
+
+        trainer.register_hooks([Hook()])
+
+
+def test_nonfinite_loss_raises_naming_iteration_and_term():
+    trainer = _trainer({2: {"poison": float("nan")}}, "raise")
+    snaps = _Snapshots(trainer).snaps
+    with pytest.raises(FloatingPointError, match=r"Iteration 2: non-finite loss term\(s\) loss_extra=nan\. "
+                                                 r"Training stopped\. .*SOLVER\.NONFINITE skip"):
+        trainer.train(0, 5)
+    assert len(snaps) == 2  # iterations 0 and 1 ran; 2 stopped before any weight changed
+    assert torch.equal(_weights(trainer.model), snaps[-1])
+
+
+def test_nonfinite_state_raises_naming_iteration_and_step():
+    trainer = _trainer({1: {"scale": float("inf")}}, "raise")
+    with pytest.raises(FloatingPointError, match=r"Iteration 1: the forward pass failed: Non-finite recurrent "
+                                                 r"state at step \d+ of \d+"):
+        trainer.train(0, 3)
+
+
+def test_skip_mode_drops_bad_batches_and_counts_them(caplog):
+    special = {1: {"poison": float("inf")}, 3: {"scale": float("inf")}}
+    trainer = _trainer(special, "skip")
+    snaps = _Snapshots(trainer).snaps
+    with caplog.at_level(logging.WARNING, logger="rfpn.engine.train_loop"):
+        trainer.train(0, 5)
+    assert trainer.iter == 5
+    # Skipped iterations leave the weights as they were; the others change them.
+    assert torch.equal(snaps[1], snaps[0]) and torch.equal(snaps[3], snaps[2])
+    assert not torch.equal(snaps[2], snaps[1]) and not torch.equal(snaps[4], snaps[3])
+    assert trainer.skipped_batches == 2
+    history = trainer.storage.history("nonfinite/skipped_batches")
+    assert [(int(v), it) for v, it in history.values()] == [(1, 1), (2, 3)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Iteration 1: non-finite loss term(s) loss_extra=inf" in m and "Skipped" in m for m in messages)
+    assert any("Iteration 3: the forward pass failed: Non-finite recurrent state" in m for m in messages)
+    # The count survives a checkpoint round trip.
+    state = trainer.state_dict()
+    fresh = _trainer({}, "skip")
+    fresh.load_state_dict(state)
+    assert fresh.skipped_batches == 2
+
+
+def test_nonfinite_gradient_after_finite_loss_is_caught():
+    trainer = _trainer({}, "raise")
+
+    def poison_grad(grad):
+        return grad * float("nan")
+
+    trainer.model.inp.weight.register_hook(poison_grad)
+    with pytest.raises(FloatingPointError, match=r"Iteration 0: non-finite gradient of inp\.weight after a finite loss"):
+        trainer.train(0, 2)
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="nonfinite='ignore' is not valid; allowed values: raise, skip"):
+        _trainer({}, "ignore")
+
+
+def test_neumann_cap_hits_are_counted_in_the_event_log(caplog):
+    # A norm cap of 1 stops every Neumann sum after its first term: each backward is a cap hit.
+    trainer = _trainer({}, "raise", grad="rbp", norm_cap=1.0)
+    hook = NeumannCapHook()
+    trainer.register_hooks([hook])
+    assert list(find_dynamics(trainer.model)) == ["dynamics"]
+    with caplog.at_level(logging.WARNING, logger="rfpn.engine.hooks"):
+        trainer.train(0, 3)
+    counts = [int(v) for v, _ in trainer.storage.history("recurrent/neumann_cap_hits_total").values()]
+    assert counts == [1, 2, 3]
+    assert any("Iteration 0: the neumann backward of dynamics stopped on a safeguard (norm_cap" in r.getMessage()
+               for r in caplog.records)
+    # Resumed runs keep counting from the checkpointed total.
+    resumed = NeumannCapHook()
+    resumed.load_state_dict(hook.state_dict())
+    trainer2 = _trainer({}, "raise", grad="rbp", norm_cap=1.0)
+    trainer2.register_hooks([resumed])
+    trainer2.train(3, 4)
+    assert resumed.total() == 4
+
+
+def test_neumann_cap_hook_stays_silent_when_the_cap_is_not_reached():
+    trainer = _trainer({}, "raise", grad="rbp", norm_cap=1e6)
+    trainer.register_hooks([NeumannCapHook()])
+    trainer.train(0, 2)
+    counts = [int(v) for v, _ in trainer.storage.history("recurrent/neumann_cap_hits_total").values()]
+    assert counts == [0, 0]
