@@ -13,6 +13,8 @@ from rfpn.recurrent import BACKWARD_SOLVERS, GATES, GRADS, NORMS, SOLVERS
 
 CELLS = ("hgru", "convlstm")
 NONFINITE_MODES = ("raise", "skip")
+PATHFINDER_CORES = ("recurrent", "feedforward")
+OPTIMIZERS = ("SGD", "ADAM", "ADAMW")
 
 
 def add_recurrent_config(cfg: CN) -> None:
@@ -47,11 +49,33 @@ def add_pathfinder_data_config(cfg: CN) -> None:
     cfg.INPUT.PATHFINDER_FLIP = True  # random horizontal and vertical flips of Pathfinder images + labels when training
 
 
+def add_pathfinder_config(cfg: CN) -> None:
+    """``MODEL.PATHFINDER`` (the Pathfinder segmentor) and the trainer keys it relies on."""
+    cfg.MODEL.PATHFINDER = CN()
+    _C = cfg.MODEL.PATHFINDER
+    _C.CORE = "recurrent"  # "recurrent" (MODEL.RECURRENT cell + dynamics) or "feedforward" (the untied control)
+    _C.INPUT_KERNEL_SIZE = 7  # size of the squared Gabor + DoG input filters (their count is MODEL.RECURRENT.CHANNELS)
+    _C.FF_LAYERS = 6  # feed-forward control: number of untied KERNEL_SIZE convs (6 is about 3x the hGRU's weights)
+    _C.READOUT_NORM = "bn"  # norm before the 1x1 readout: "bn" (running statistics), "gn" or "none"
+    _C.LOSS = "focal"  # per-pixel loss: "ce" (cross-entropy) or "focal" (focal loss, the authors' choice)
+    _C.FOCAL_GAMMA = 2.0  # focusing exponent of the focal loss
+    _C.FG_WEIGHT = 1.0  # weight of contour pixels in the loss (background pixels weigh 1)
+    _C.FG_PRIOR = 0.01  # foreground probability the readout bias starts at
+    _C.RETURN_STEPS = False  # inference also returns the readout of every step ("sem_seg_steps"; per-step IoU)
+    cfg.TEST.IMS_PER_BATCH = 16  # images per inference batch (rfpn's Trainer; Detectron2 itself uses 1)
+    cfg.SOLVER.OPTIMIZER = "SGD"  # rfpn's Trainer: "SGD" (momentum), "ADAM" or "ADAMW"
+
+
 def add_rfpn_mask_head_config(cfg: CN) -> None:
     """Keys of R-FPN's ``RecurrentMaskHead`` (its dynamics are configured by ``MODEL.RECURRENT``)."""
     _C = cfg.MODEL.ROI_MASK_HEAD
     _C.READOUT_NORM = "GN"  # RecurrentMaskHead: norm on the final state before the deconv: "GN" or "" (none)
     _C.TIMECOURSE = False  # RecurrentMaskHead at test time: add per-step mask logits as pred_mask_step_logits
+
+
+def add_training_safety_config(cfg: CN) -> None:
+    """Keys of rfpn's trainer (``ResilientTrainer``) for divergence handling."""
+    cfg.SOLVER.NONFINITE = "raise"  # NaN/inf loss, recurrent state or gradient: "raise" (stop, naming iteration + term) or "skip" (drop the batch, count it)
 
 
 def add_diagnostics_config(cfg: CN) -> None:
@@ -62,17 +86,13 @@ def add_diagnostics_config(cfg: CN) -> None:
     cfg.DIAGNOSTICS.MAX_SAMPLES = 4  # samples of the iteration's drive to diagnose (0: the whole batch)
 
 
-def add_training_safety_config(cfg: CN) -> None:
-    """Keys of rfpn's trainer (``ResilientTrainer``) for divergence handling."""
-    cfg.SOLVER.NONFINITE = "raise"  # NaN/inf loss, recurrent state or gradient: "raise" (stop, naming iteration + term) or "skip" (drop the batch, count it)
-
-
 def add_rfpn_config(cfg: CN) -> None:
     """Add every rfpn key to ``cfg`` (in place)."""
     add_recurrent_config(cfg)
     add_training_safety_config(cfg)
     add_pathfinder_data_config(cfg)
     add_rfpn_mask_head_config(cfg)
+    add_pathfinder_config(cfg)
     add_diagnostics_config(cfg)
 
 
@@ -121,6 +141,29 @@ def validate_recurrent_config(cfg: CN) -> None:
     for key, (ok, allowed) in checks.items():
         if not ok:
             raise ValueError(f"MODEL.RECURRENT.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")
+
+
+def validate_pathfinder_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key and the allowed values for any bad Pathfinder setting."""
+    pf = cfg.MODEL.PATHFINDER
+    _require_choice("MODEL.PATHFINDER.CORE", pf.CORE, PATHFINDER_CORES)
+    _require_choice("MODEL.PATHFINDER.READOUT_NORM", pf.READOUT_NORM, ("bn", "gn", "none"))
+    _require_choice("MODEL.PATHFINDER.LOSS", pf.LOSS, ("ce", "focal"))
+    _require_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER, OPTIMIZERS)
+    checks = {
+        "MODEL.PATHFINDER.INPUT_KERNEL_SIZE": (pf.INPUT_KERNEL_SIZE >= 3 and pf.INPUT_KERNEL_SIZE % 2 == 1, "an odd integer >= 3"),
+        "MODEL.PATHFINDER.FF_LAYERS": (pf.FF_LAYERS >= 1, "an integer >= 1"),
+        "MODEL.PATHFINDER.FOCAL_GAMMA": (pf.FOCAL_GAMMA >= 0, "a number >= 0"),
+        "MODEL.PATHFINDER.FG_WEIGHT": (pf.FG_WEIGHT > 0, "a number > 0"),
+        "MODEL.PATHFINDER.FG_PRIOR": (0 < pf.FG_PRIOR < 1, "a number in (0, 1)"),
+        "TEST.IMS_PER_BATCH": (cfg.TEST.IMS_PER_BATCH >= 1, "an integer >= 1"),
+    }
+    for key, (ok, allowed) in checks.items():
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ValueError(f"{key}={value!r} is not valid; allowed values: {allowed}.")
 
 
 def validate_rfpn_mask_head_config(cfg: CN) -> None:

@@ -1,0 +1,127 @@
+"""tools/train_net.py and rfpn.engine.Trainer end to end on a tiny generated Pathfinder set."""
+import dataclasses
+import importlib.util
+import os
+
+import pytest
+from detectron2.data import MetadataCatalog
+from detectron2.engine import default_argument_parser
+
+from rfpn.config import validate_pathfinder_config, validate_recurrent_config
+from rfpn.data.pathfinder import register_pathfinder
+from rfpn.data.pathfinder_generator import PRESETS, generate_pathfinder
+from rfpn.engine import Trainer
+from rfpn.evaluation import PathfinderEvaluator
+from rfpn.utils.cli import UsageError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_BASE = os.path.join(REPO, "configs", "Pathfinder", "cpu", "Base-Pathfinder-CPU.yaml")
+
+
+def _load_train_net():
+    spec = importlib.util.spec_from_file_location("rfpn_train_net", os.path.join(REPO, "tools", "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_net = _load_train_net()
+
+
+@pytest.fixture(scope="module")
+def tiny_pathfinder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("datasets"))
+    settings = dataclasses.replace(PRESETS["cpu"], contour_length=4, image_size=32, distractor_paddles=4)
+    generate_pathfinder("pf_tiny_tn", settings, 8, 4, seed=0, root=root, workers=1, preset="cpu", progress=False)
+    register_pathfinder("pf_tiny_tn", root=root)
+    return "pf_tiny_tn"
+
+
+def _args(output_dir, *extra, eval_only=False, resume=False):
+    argv = ["--config-file", CPU_BASE]
+    if eval_only:
+        argv.append("--eval-only")
+    if resume:
+        argv.append("--resume")
+    opts = [
+        "OUTPUT_DIR", str(output_dir),
+        "DATASETS.TRAIN", "('pf_tiny_tn_train',)",
+        "DATASETS.TEST", "('pf_tiny_tn_test',)",
+        "DATALOADER.NUM_WORKERS", "0",
+        "MODEL.RECURRENT.CHANNELS", "4",
+        "MODEL.RECURRENT.KERNEL_SIZE", "3",
+        "MODEL.RECURRENT.STEPS", "3",
+        "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.MAX_ITER", "3",
+        "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.STEPS", "()",
+        "SOLVER.CHECKPOINT_PERIOD", "100",
+        "TEST.EVAL_PERIOD", "0",
+        "TEST.IMS_PER_BATCH", "2",
+        "SEED", "0",
+    ]
+    return default_argument_parser().parse_args(argv + opts + list(extra))
+
+
+@pytest.mark.parametrize("grad", ["crbp", "bptt"])
+def test_train_then_eval_only(tiny_pathfinder, tmp_path, grad):
+    results = train_net.main(_args(tmp_path, "MODEL.RECURRENT.GRAD", grad))
+    iou = results["pathfinder"]["IoU"]
+    assert 0.0 <= iou <= 1.0
+    assert results["pathfinder"]["num_images"] == 4
+    checkpoint = tmp_path / "model_final.pth"
+    assert checkpoint.is_file()
+    assert list(tmp_path.glob("events.out.tfevents.*")), "TensorBoard events were not written"
+    metrics = (tmp_path / "metrics.json").read_text()
+    assert "total_loss" in metrics and "recurrent/residual" in metrics
+    assert ("loss_lcp" in metrics) == (grad == "crbp")
+
+    again = train_net.main(
+        _args(tmp_path, "MODEL.RECURRENT.GRAD", grad, "MODEL.WEIGHTS", str(checkpoint), eval_only=True)
+    )
+    assert again["pathfinder"]["IoU"] == pytest.approx(iou)
+    assert again["pathfinder"]["pixel_acc"] == pytest.approx(results["pathfinder"]["pixel_acc"])
+
+
+def test_per_step_iou_and_feedforward(tiny_pathfinder, tmp_path):
+    results = train_net.main(
+        _args(tmp_path, "MODEL.PATHFINDER.CORE", "feedforward", "MODEL.PATHFINDER.RETURN_STEPS", "True")
+    )
+    res = results["pathfinder"]
+    assert [k for k in res if k.startswith("IoU@step")] == [f"IoU@step{t}" for t in range(1, 7)]
+    assert res["IoU@step6"] == pytest.approx(res["IoU"])
+
+
+def test_trainer_picks_pathfinder_parts(tiny_pathfinder, tmp_path):
+    cfg = train_net.setup(_args(tmp_path))
+    assert isinstance(Trainer.build_evaluator(cfg, "pf_tiny_tn_test"), PathfinderEvaluator)
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    assert len(batch) == 4 and batch[0]["image"].shape == (1, 32, 32)
+    assert MetadataCatalog.get("pf_tiny_tn_test").evaluator_type == "pathfinder"
+
+
+def test_clear_errors(tiny_pathfinder, tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        train_net.setup(default_argument_parser().parse_args(["--config-file", str(tmp_path / "missing.yaml")]))
+    with pytest.raises(UsageError, match="not a registered dataset"):
+        train_net.setup(_args(tmp_path, "DATASETS.TEST", "('no_such_set_test',)"))
+    with pytest.raises(UsageError, match="SOLVER.OPTIMIZER"):
+        train_net.setup(_args(tmp_path, "SOLVER.OPTIMIZER", "LBFGS"))
+
+
+
+
+def test_every_pathfinder_config_loads():
+    configs = sorted(
+        os.path.join(d, f)
+        for d, _, files in os.walk(os.path.join(REPO, "configs", "Pathfinder"))
+        for f in files
+        if f.endswith(".yaml")
+    )
+    assert len(configs) >= 20
+    for path in configs:
+        cfg = load_config(path, validators=[validate_recurrent_config, validate_pathfinder_config])
+        assert cfg.MODEL.META_ARCHITECTURE == "PathfinderSegmentor", path
+        if os.sep + "cpu" + os.sep in path:  # paper-scale models are large; build the CPU ones
+            model = Trainer.build_model(cfg)
+            assert model.readout[1].out_channels == 2
