@@ -6,6 +6,7 @@ Examples:
     python datasets/prepare_pathfinder.py --preset paper --contour-length 14       # pathfinder14 (200k + 10k)
 """
 from rfpn.data.pathfinder_generator import main
+from rfpn.utils import run_cli
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,6 +14,7 @@ from detectron2.utils.logger import setup_logger
 
 from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic, validate_panoptic_dataset
 from rfpn.data.synthetic_panoptic import default_datasets_root
+from rfpn.utils import run_cli
 
 
 def main() -> None:
@@ -38,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,7 +1,6 @@
 """``ResilientTrainer``: Detectron2's ``DefaultTrainer`` made to scale out on CPUs and to survive divergence.
 
-Differences from ``DefaultTrainer`` (everything else, including checkpointing and ``--resume``,
-is Detectron2's own):
+Differences from ``DefaultTrainer`` (everything else, including ``--resume``, is Detectron2's own):
 
 - the model is wrapped by :func:`rfpn.engine.ddp.create_ddp_model`, so multi-process training
   works on the CPU (GLOO) as well as on GPUs (NCCL);
@@ -9,14 +8,19 @@ is Detectron2's own):
   message naming the iteration and the failing loss term / recurrent step / parameter, or skips
   the batch, as ``SOLVER.NONFINITE`` says (with ``SOLVER.AMP.ENABLED`` Detectron2's
   ``AMPTrainer`` runs instead: its gradient scaler already skips non-finite steps);
+- checkpoints are written atomically (:class:`AtomicCheckpointer`), so a run killed at any moment
+  resumes from its last complete checkpoint;
 - :class:`~rfpn.engine.hooks.NeumannCapHook` logs how often an implicit backward hit its norm cap;
 - a multi-process run ends by checking that every rank holds the same weights.
 """
 from __future__ import annotations
 
 import logging
+import os
 import weakref
+from typing import Any
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, TrainerBase
@@ -29,7 +33,50 @@ from .ddp import check_replicas_in_sync, create_ddp_model
 from .hooks import NeumannCapHook, find_dynamics
 from .train_loop import NonFiniteGuardTrainer
 
-__all__ = ["ResilientTrainer"]
+__all__ = ["AtomicCheckpointer", "ResilientTrainer"]
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose files appear whole or not at all.
+
+    A process killed while saving (SIGKILL, out of memory, a pre-empted node) would leave a
+    truncated ``model_XXXXXXX.pth`` or an empty ``last_checkpoint``, and ``--resume`` would then
+    fail on it. Here both are written to a temporary file in the same folder and renamed into
+    place, and ``last_checkpoint`` is updated only after the checkpoint is complete.
+    """
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not os.path.isdir(self.save_dir):  # a remote path manager URI: no atomic rename there
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        self._atomic_write(save_file, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not os.path.isdir(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        self._atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
+
+    @staticmethod
+    def _atomic_write(path: str, write, mode: str) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 class ResilientTrainer(DefaultTrainer):
@@ -40,6 +87,8 @@ class ResilientTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        if not logging.getLogger("rfpn").handlers:  # rfpn's warnings (skips, cap hits) go to the run's log too
+            setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="rfpn", abbrev_name="rfpn")
         validate_training_safety_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
@@ -54,7 +103,7 @@ class ResilientTrainer(DefaultTrainer):
             self._trainer = NonFiniteGuardTrainer(model, data_loader, optimizer, nonfinite=cfg.SOLVER.NONFINITE)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
