@@ -8,6 +8,7 @@ Pure PyTorch (no Detectron2), usable on its own::
     loss = task_loss(h) + xi * aux["penalty"]
 """
 from .cells import GATES, NORMS, ConvLSTMCell, HGRUCell, make_norm
+from .diagnostics import SpectralNormEstimate, capture_last_step, fixed_point_diagnostics, jacobian_spectral_norm
 from .dynamics import GRADS, RecurrentDynamics
 from .gradients import (
     BACKWARD_SOLVERS,
@@ -33,9 +34,13 @@ __all__ = [
     "RecurrentDynamics",
     "SavedTensorCounter",
     "SolverResult",
+    "SpectralNormEstimate",
     "anderson_adjoint_solve",
     "attach_implicit_backward",
+    "capture_last_step",
     "column_sums",
+    "fixed_point_diagnostics",
+    "jacobian_spectral_norm",
     "lcp_penalty",
     "make_norm",
     "neumann_solve",
