@@ -290,3 +290,73 @@ def test_run_cli_prints_one_line_and_exit_codes(capsys):
     with pytest.raises(RuntimeError):  # anything else keeps its traceback
         run_cli(bug, prog="tool")
     assert run_cli(lambda x: x + 1, 1) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The command-line tools end to end (in this process: each call is a full `main`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tool(relpath: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"rfpn_tool_{os.path.basename(relpath)[:-3]}",
+                                                  os.path.join(REPO, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exit_code_and_stderr(capsys, monkeypatch, entry, argv):
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        entry()
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize(
+    "extra,code,expected",
+    [
+        (["--config-file", "configs/Pathfinder/none.yaml"], 2, "Config file 'configs/Pathfinder/none.yaml' does not exist"),
+        (["--config-file", PF_CONFIG, "MODEL.RECURRENT.GARD", "bptt"], 2, "Unknown config key MODEL.RECURRENT.GARD"),
+        (["--config-file", PF_CONFIG, "DATASETS.TRAIN", "('no_such_set',)"], 2, "'no_such_set', which is not a registered"),
+        (["--config-file", PF_CONFIG, "--num-gpus", "0"], 2, "use --num-gpus >= 1"),
+    ],
+)
+def test_train_net_misuse_exits_2_with_one_line(capsys, monkeypatch, extra, code, expected):
+    train_net = _tool("tools/train_net.py")
+    got, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main, ["train_net.py", *extra])
+    assert got == code and len(err) == 1 and expected in err[0], err
+
+
+def test_train_net_truncated_image_exits_1_naming_it(pathfinder_source, tmp_path, capsys, monkeypatch):
+    from rfpn.data.pathfinder import register_pathfinder
+
+    root = pathfinder_source
+    dst = os.path.join(root, "pathfinder", "pf_cli_truncated")
+    shutil.copytree(os.path.join(root, "pathfinder", "pf_src"), dst)
+    images = os.path.join(dst, "train", "images")
+    for image in os.listdir(images):
+        _damage(os.path.join(images, image), _truncated, 0)
+    register_pathfinder("pf_cli_truncated", root=root)
+    opts = ["OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", "('pf_cli_truncated_train',)", "DATASETS.TEST", "()",
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.STEPS", "2",
+            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2"]
+    train_net = _tool("tools/train_net.py")
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main,
+                                      ["train_net.py", "--config-file", PF_CONFIG, *opts])
+    assert code == 1 and len(err) == 1, err
+    assert "Cannot read Pathfinder image" in err[0] and "pf_cli_truncated" in err[0] and "--overwrite" in err[0]
+
+
+@pytest.mark.parametrize("script", ["datasets/prepare_pathfinder.py", "datasets/prepare_synthetic_panoptic.py"])
+def test_prepare_scripts_report_an_unusable_root_in_one_line(script, tmp_path, capsys, monkeypatch):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    tool = _tool(script)
+    argv = [script, "--root", str(not_a_dir), "--num-train", "1", "--num-test", "1"]
+    if "pathfinder" in script:
+        argv += ["--preset", "cpu", "--no-progress", "--workers", "1"]
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, lambda: run_cli(tool.main, prog=script), argv)
+    assert code == 1 and len(err) == 1 and str(not_a_dir) in err[0], err

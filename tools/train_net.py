@@ -7,6 +7,11 @@ Usage, as with Detectron2's own ``tools/train_net.py``::
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
     python tools/train_net.py --config-file ... --resume          # continue from the last checkpoint
     python tools/train_net.py --config-file ... --num-gpus 2 SOLVER.MAX_ITER 500   # overrides last
+
+``--num-gpus N`` starts N processes through Detectron2's ``launch``: one per GPU with NCCL, or, on a
+machine without CUDA, N CPU processes with GLOO. ``SOLVER.IMS_PER_BATCH`` is the total batch over
+all processes. Several machines: run the same command on each with ``--num-machines M``,
+``--machine-rank 0..M-1`` and the same ``--dist-url tcp://<rank-0 host>:<port>``.
 """
 from __future__ import annotations
 
@@ -17,10 +22,10 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import rfpn  # noqa: F401  (registers rfpn's models and datasets)
-from rfpn.config import validate_pathfinder_config, validate_recurrent_config
+from rfpn.config import validate_pathfinder_config, validate_recurrent_config, validate_training_safety_config
 from rfpn.engine import Trainer
 from rfpn.engine.ddp import distributed_main
-from rfpn.utils.cli import check_registered_datasets, load_config, run_cli
+from rfpn.utils.cli import UsageError, check_registered_datasets, load_config, run_cli
 
 
 def setup(args) -> CfgNode:
@@ -28,11 +33,38 @@ def setup(args) -> CfgNode:
 
     A missing config file, an unknown key or dataset, or a bad value raises ``UsageError`` naming it.
     """
-    cfg = load_config(args.config_file, args.opts, validators=[validate_recurrent_config, validate_pathfinder_config])
-    check_registered_datasets(cfg)
+    cfg = checked_config(args)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
+
+
+def checked_config(args) -> CfgNode:
+    """The merged config, after every check that needs no model; raises ``UsageError`` naming the problem."""
+    validators = [validate_recurrent_config, validate_pathfinder_config, validate_training_safety_config]
+    cfg = load_config(args.config_file, args.opts, validators=validators)
+    check_registered_datasets(cfg)
+    return cfg
+
+
+def check_and_launch(args) -> None:
+    """Check the command line in this process, then start the workers: misuse ends before any worker starts."""
+    if args.num_gpus < 1 or args.num_machines < 1 or not 0 <= args.machine_rank < args.num_machines:
+        raise UsageError(
+            f"--num-gpus {args.num_gpus} --num-machines {args.num_machines} --machine-rank {args.machine_rank}: "
+            "use --num-gpus >= 1 (processes per machine), --num-machines >= 1 and 0 <= --machine-rank < --num-machines."
+        )
+    if args.dist_url == "auto" and args.num_machines > 1:
+        raise UsageError("--dist-url auto works on one machine only; give every machine tcp://<rank-0 host>:<port>.")
+    checked_config(args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 @distributed_main
@@ -53,16 +85,7 @@ def main(args):
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    run_cli(
-        lambda: launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    )
+    run_cli(check_and_launch, args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ with :func:`load_config` (which raises :class:`UsageError`) and run their entry 
 - ``OSError`` / ``ValueError`` (the data layer's clear errors, e.g. a truncated image named with
   the command that regenerates it): the same one-line form, exit code 1.
 
+Errors of a worker process (``--num-gpus N``) are judged by the worker's own exception.
+
 Set ``RFPN_TRACEBACK=1`` to print the full traceback as well.
 """
 from __future__ import annotations
@@ -116,10 +118,14 @@ def check_registered_datasets(cfg: CfgNode, keys: Sequence[str] = ("TRAIN", "TES
                 )
 
 
+# Exception names whose messages are written for users (as raised by rfpn's checks and loaders).
+_CLEAR_ERRORS = {"UsageError", "OSError", "FileNotFoundError", "ValueError", "PanopticFormatError"}
+
+
 def short_message(error: BaseException) -> str:
     """The error's own message; for an error re-raised from a worker, the original's last line."""
     text = str(error).strip() or type(error).__name__
-    if "Traceback (most recent call last)" in text:
+    if "Traceback (most recent call last)" in text:  # a DataLoader or launch worker's error
         text = text.splitlines()[-1]
         head, sep, tail = text.partition(": ")
         if sep and head.replace(".", "").isidentifier():  # "OSError: Cannot read ..." -> "Cannot read ..."
@@ -130,12 +136,20 @@ def short_message(error: BaseException) -> str:
 def run_cli(main: Callable[..., Any], *args: Any, prog: str | None = None) -> Any:
     """Call ``main(*args)``; turn :class:`UsageError` (exit 2) and ``OSError``/``ValueError`` (exit 1) into one line."""
     prog = prog or os.path.basename(sys.argv[0]) or "rfpn"
+    from torch.multiprocessing import ProcessRaisedException
+
     try:
         return main(*args)
     except UsageError as e:
         code, error = 2, e
     except (OSError, ValueError) as e:
         code, error = 1, e
+    except ProcessRaisedException as e:  # a worker of a multi-process run failed: judge its own error
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        name = last.partition(":")[0].rsplit(".", 1)[-1]
+        if name not in _CLEAR_ERRORS:
+            raise
+        code, error = (2 if name == "UsageError" else 1), e
     if os.environ.get("RFPN_TRACEBACK"):
         traceback.print_exception(error)
     print(f"{prog}: error: {short_message(error)}", file=sys.stderr)
