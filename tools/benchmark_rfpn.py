@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""Panoptic FPN vs R-FPN on the synthetic panoptic set at CPU scale: PQ, mask-head memory, time.
+
+Every model trains for the same number of iterations from the same seeds with its
+``configs/Synthetic-Panoptic/`` config, then Detectron2's evaluators score it on the val
+split (PQ / SQ / RQ, mask AP, stuff mIoU). During training the mask head's forward and
+loss run inside ``rfpn.recurrent.saved_tensor_bytes``: the bytes autograd keeps for the
+backward pass of the mask head (divided by the number of RoIs, since that varies per
+iteration). A second, controlled sweep feeds the same random RoI batch to the mask head
+for several step counts under BPTT and C-RBP. Writes ``benchmark_rfpn.json`` and
+``benchmark_rfpn.png`` to ``--output-dir``::
+
+    .venv/bin/python tools/benchmark_rfpn.py --seeds 0 1 2          # all five models, 100 iterations each
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --iters 20 --output-dir output/quick
+
+The dataset is generated under ``--data-root`` on first use (datasets/prepare_synthetic_panoptic.py
+does the same). Finished runs are kept in the JSON and reused when the command is repeated
+with more seeds or models (same ``--iters``). Keep runs short: the machine's cores are shared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detectron2.engine import HookBase
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads.mask_head import build_mask_head
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+
+from rfpn import model_zoo
+from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic
+from rfpn.engine import Trainer
+from rfpn.recurrent import saved_tensor_bytes
+
+logger = logging.getLogger("rfpn.benchmark_rfpn")
+
+MODELS = {
+    "fpn": ("Panoptic FPN", "Synthetic-Panoptic/panoptic_fpn_R_18.yaml"),
+    "bptt3": ("R-FPN BPTT-3", "Synthetic-Panoptic/panoptic_rfpn_R_18_bptt3.yaml"),
+    "crbp5": ("R-FPN C-RBP-5", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp5.yaml"),
+    "crbp10": ("R-FPN C-RBP-10", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp10.yaml"),
+    "crbp20": ("R-FPN C-RBP-20", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20.yaml"),
+}
+DATASET_NAME = "synthetic_panoptic_bench"
+
+
+class IterationClock(HookBase):
+    """Wall time of every training iteration (data loading included)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def before_step(self):
+        self._start = time.perf_counter()
+
+    def after_step(self):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def record_mask_head_memory(head: torch.nn.Module, records: list[tuple[int, int]]) -> None:
+    """Count the bytes saved for backward by the mask head's forward + loss in every training step."""
+    original = head.forward
+
+    def forward(x, instances):
+        if not head.training:
+            return original(x, instances)
+        with saved_tensor_bytes() as counter:
+            out = original(x, instances)
+        records.append((counter.forward_bytes, int(x.shape[0])))
+        return out
+
+    head.forward = forward
+
+
+def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    label, config = MODELS[key]
+    cfg = model_zoo.get_config(config)
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN", (f"{DATASET_NAME}_train_separated",),
+            "DATASETS.TEST", (f"{DATASET_NAME}_val_separated",),
+            "SOLVER.MAX_ITER", args.iters,
+            "SOLVER.STEPS", (int(args.iters * 0.8),),
+            "SOLVER.WARMUP_ITERS", min(50, args.iters // 5),
+            "SOLVER.CHECKPOINT_PERIOD", 10 * args.iters,
+            "DATALOADER.NUM_WORKERS", 0,
+            "OUTPUT_DIR", str(args.output_dir / f"{key}_seed{seed}"),
+            "SEED", seed,
+        ]
+    )
+    cfg.freeze()
+    torch.manual_seed(seed)
+    trainer = Trainer(cfg)
+    clock = IterationClock()
+    memory: list[tuple[int, int]] = []
+    trainer.register_hooks([clock])
+    record_mask_head_memory(trainer.model.roi_heads.mask_head, memory)
+    logger.info("Training %s (%s) for %d iterations, seed %d", label, config, args.iters, seed)
+    start = time.perf_counter()
+    results = trainer.train()  # evaluated after the last iteration
+    wall = time.perf_counter() - start
+    steady = clock.times[min(10, len(clock.times) // 2) :]
+    per_roi = [b / n for b, n in memory if n > 0]
+    pan = results["panoptic_seg"]
+    row = {
+        "key": key,
+        "model": label,
+        "config": config,
+        "seed": seed,
+        "iters": args.iters,
+        "PQ": pan["PQ"],
+        "SQ": pan["SQ"],
+        "RQ": pan["RQ"],
+        "PQ_th": pan["PQ_th"],
+        "PQ_st": pan["PQ_st"],
+        "mask_AP": results.get("segm", {}).get("AP"),
+        "box_AP": results.get("bbox", {}).get("AP"),
+        "mIoU": results.get("sem_seg", {}).get("mIoU"),
+        "sec_per_iter": statistics.median(steady),
+        "train_wall_sec": wall,
+        "mask_head_bytes_per_roi": statistics.median(per_roi) if per_roi else None,
+        "mask_head_bytes_median": statistics.median(b for b, _ in memory) if memory else None,
+        "rois_per_iter_median": statistics.median(n for _, n in memory) if memory else None,
+    }
+    logger.info("%s: %s", label, json.dumps(row))
+    return row
+
+
+def memory_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Mask-head saved bytes on one fixed RoI batch, for several steps under BPTT and C-RBP."""
+    cfg = model_zoo.get_config("Synthetic-Panoptic/Base-Synthetic-Panoptic-RFPN.yaml")
+    dim, rois = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM, args.sweep_rois
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(rois, dim, 14, 14, generator=g)
+    inst = Instances((128, 128))
+    xy = torch.rand(rois, 2, generator=g) * 64
+    inst.proposal_boxes = Boxes(torch.cat([xy, xy + 64], dim=1))
+    inst.gt_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (rois,), generator=g)
+    inst.gt_masks = BitMasks(torch.rand(rois, 128, 128, generator=g) > 0.5)
+    rows = []
+    for grad, steps_list in (("bptt", args.sweep_steps), ("crbp", args.sweep_steps)):
+        for steps in steps_list:
+            c = cfg.clone()
+            c.MODEL.RECURRENT.GRAD, c.MODEL.RECURRENT.STEPS = grad, steps
+            torch.manual_seed(0)
+            head = build_mask_head(c, ShapeSpec(channels=dim, height=14, width=14)).train()
+            with EventStorage(), saved_tensor_bytes() as counter:
+                start = time.perf_counter()
+                losses = head(x, [inst])
+            sum(losses.values()).backward()
+            seconds = time.perf_counter() - start
+            rows.append({"grad": grad, "steps": steps, "rois": rois, "bytes": counter.forward_bytes, "sec": seconds})
+            logger.info("memory sweep %s-%d: %.1f MB saved, %.2f s", grad, steps, counter.forward_bytes / 2**20, seconds)
+    return rows
+
+
+def plot(rows: list[dict], sweep: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    if rows:
+        summary = summarise(rows)
+        names = [r["model"].replace("R-FPN ", "") for r in summary]
+        axes[0].bar(names, [r["PQ"] for r in summary], color="tab:blue", alpha=0.7)
+        for i, r in enumerate(summary):
+            axes[0].plot([i] * len(r["PQ_runs"]), r["PQ_runs"], "k.")
+        low = min(min(r["PQ_runs"]) for r in summary)
+        axes[0].set_ylim(max(0.0, low - 5), None)
+        axes[0].set_ylabel("PQ (val)")
+        axes[0].set_title(f"PQ after {rows[0]['iters']} iterations (bars: mean, dots: seeds)")
+        axes[1].bar(names, [r["sec_per_iter"] for r in summary], color="tab:gray")
+        axes[1].set_ylabel("seconds / iteration")
+        axes[1].set_title("training time per iteration")
+        for ax in axes[:2]:
+            ax.tick_params(axis="x", rotation=20)
+    for grad, color in (("bptt", "tab:red"), ("crbp", "tab:green")):
+        pts = [r for r in sweep if r["grad"] == grad]
+        axes[2].plot([r["steps"] for r in pts], [r["bytes"] / 2**20 for r in pts], "o-", color=color, label=grad.upper())
+    if sweep:
+        axes[2].set_title(f"mask-head memory saved for backward ({sweep[0]['rois']} RoIs)")
+    axes[2].set_xlabel("recurrent steps")
+    axes[2].set_ylabel("MB")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--iters", type=int, default=100, help="training iterations per model (equal for all)")
+    parser.add_argument("--data-root", type=Path, default=Path("output/benchmark_rfpn/data"))
+    parser.add_argument("--num-train", type=int, default=200)
+    parser.add_argument("--num-test", type=int, default=30)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--sweep-steps", type=int, nargs="+", default=[1, 3, 5, 10, 20])
+    parser.add_argument("--sweep-rois", type=int, default=32)
+    parser.add_argument("--skip-training", action="store_true", help="only the controlled memory sweep")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (results are averaged)")
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_rfpn"))
+    args = parser.parse_args()
+
+    setup_logger(name="rfpn")
+    setup_logger(name="detectron2")
+    torch.set_num_threads(args.threads)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    out = args.output_dir / "benchmark_rfpn.json"
+    rows, sweep = load_previous(out, args)
+    if not sweep:
+        sweep = memory_sweep(args)
+    if not args.skip_training:
+        if not (args.data_root / DATASET_NAME / "annotations").is_dir():
+            generate_synthetic_panoptic(
+                str(args.data_root), DATASET_NAME, args.num_train, args.num_test, args.image_size, args.data_seed, workers=1
+            )
+        register_synthetic_panoptic(DATASET_NAME, str(args.data_root))
+        done = {(r["key"], r["seed"]) for r in rows}
+        for seed in args.seeds:
+            for key in args.models:
+                if (key, seed) in done:
+                    logger.info("Reusing the finished run of %s, seed %d, from %s", key, seed, out)
+                    continue
+                rows.append(train_and_evaluate(key, seed, args))
+                write_json(out, args, rows, sweep)  # finished runs survive an interrupted benchmark
+    rows = [r for r in rows if r["key"] in args.models and r["seed"] in args.seeds]
+    write_json(out, args, rows, sweep)
+    plot(rows, sweep, args.output_dir / "benchmark_rfpn.png")
+    print(format_table(rows, sweep))
+    print(f"Wrote {out} and {args.output_dir / 'benchmark_rfpn.png'}")
+
+
+def load_previous(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Finished runs with the same iterations, and the memory sweep if its settings match."""
+    if not path.is_file():
+        return [], []
+    previous = json.loads(path.read_text())
+    by_config = {config: key for key, (_, config) in MODELS.items()}
+    rows = []
+    for r in previous.get("models", []):
+        r.setdefault("key", by_config.get(r["config"]))
+        r.setdefault("seed", 0)
+        if r["iters"] == args.iters and r["key"] is not None:
+            rows.append(r)
+    sweep = previous.get("memory_sweep", [])
+    same_sweep = sorted({r["steps"] for r in sweep}) == sorted(set(args.sweep_steps)) and all(
+        r["rois"] == args.sweep_rois for r in sweep
+    )
+    return rows, sweep if same_sweep else []
+
+
+def write_json(path: Path, args: argparse.Namespace, rows: list[dict], sweep: list[dict]) -> None:
+    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "models": rows, "memory_sweep": sweep}
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean of every metric over the seeds of each model, in benchmark order."""
+    keys = [k for k in MODELS if any(r["key"] == k for r in rows)]
+    metrics = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mask_AP", "mIoU", "sec_per_iter", "mask_head_bytes_per_roi")
+    out = []
+    for key in keys:
+        runs = [r for r in rows if r["key"] == key]
+        mean = {m: statistics.mean(r[m] for r in runs) if all(r[m] is not None for r in runs) else None for m in metrics}
+        out.append({"key": key, "model": runs[0]["model"], "seeds": len(runs), "PQ_runs": [r["PQ"] for r in runs], **mean})
+    return out
+
+
+def format_table(rows: list[dict], sweep: list[dict]) -> str:
+    lines = []
+    if rows:
+        lines += [
+            "| model | PQ (mean) | PQ per seed | SQ | RQ | PQ things | PQ stuff | mask AP | mIoU | s/iter | mask-head KB/RoI |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in summarise(rows):
+            fmt = lambda v, scale=1.0: f"{v / scale:.1f}" if v is not None else "-"  # noqa: E731
+            per_seed = ", ".join(f"{v:.1f}" for v in r["PQ_runs"])
+            lines.append(
+                f"| {r['model']} | {r['PQ']:.1f} | {per_seed} | {r['SQ']:.1f} | {r['RQ']:.1f} | {r['PQ_th']:.1f} "
+                f"| {r['PQ_st']:.1f} | {fmt(r['mask_AP'])} | {fmt(r['mIoU'])} | {r['sec_per_iter']:.2f} "
+                f"| {fmt(r['mask_head_bytes_per_roi'], 1024)} |"
+            )
+    if sweep:
+        steps = sorted({r["steps"] for r in sweep})
+        lines += ["", "| mask-head MB saved for backward | " + " | ".join(f"{s} steps" for s in steps) + " |"]
+        lines.append("|---|" + "---|" * len(steps))
+        for grad in ("bptt", "crbp"):
+            by = {r["steps"]: r["bytes"] for r in sweep if r["grad"] == grad}
+            lines.append(f"| {grad.upper()} | " + " | ".join(f"{by[s] / 2**20:.1f}" if s in by else "-" for s in steps) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
