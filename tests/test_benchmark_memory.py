@@ -1,0 +1,96 @@
+"""Smoke test of tools/benchmark_memory.py on tiny shapes: what it measures and what it writes."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark_memory.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_memory", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(bench):
+    return bench.BenchmarkSettings(
+        batch=2, channels=4, size=8, kernel=3, neumann_steps=3, threads=1, repeats=1, time_budget=0.0
+    )
+
+
+def test_saved_bytes_flat_for_rbp_and_growing_for_bptt(bench):
+    settings = _tiny(bench)
+    grid = [("rbp", 2), ("rbp", 6), ("crbp", 2), ("crbp", 6), ("bptt", 2), ("bptt", 4), ("bptt", 6)]
+    saved = {(m, n): bench.measure_point(settings, m, n)["saved_bytes"] for m, n in grid}
+    for method in ("rbp", "crbp"):
+        assert saved[(method, 2)] > 0
+        assert saved[(method, 2)] == saved[(method, 6)]
+    per_two_steps = saved[("bptt", 4)] - saved[("bptt", 2)]
+    assert per_two_steps > 0
+    assert saved[("bptt", 6)] - saved[("bptt", 4)] == per_two_steps
+
+
+def test_run_benchmark_writes_json_table_and_plot(bench, tmp_path):
+    grid = bench.make_grid(["bptt", "crbp"], [1, 2], bptt_extra_steps=[3])
+    assert grid == [("bptt", 1), ("bptt", 2), ("bptt", 3), ("crbp", 1), ("crbp", 2)]
+    bench.run_benchmark(_tiny(bench), grid, tmp_path, in_process=True)
+
+    report = json.loads((tmp_path / "memory.json").read_text())
+    assert report["settings"]["channels"] == 4 and report["fresh_process_per_point"] is False
+    assert report["torch_version"] == torch.__version__ and report["machine"]["cpu_count"] >= 1
+    assert [(p["method"], p["steps"]) for p in report["points"]] == grid
+    for p in report["points"]:
+        assert p["saved_bytes"] > 0 and p["time_ms"] > 0 and p["peak_rss_mib"] >= p["peak_rss_delta_mib"] >= 0
+    bptt2, crbp2 = report["points"][1], report["points"][4]
+    assert bptt2["time_vs_bptt"] == 1.0
+    assert crbp2["time_vs_bptt"] == pytest.approx(crbp2["time_ms"] / bptt2["time_ms"])
+    assert crbp2["neumann_terms"] <= 3
+    # The goals need crbp at 80 steps; with this grid only the comparisons that exist are reported.
+    assert report["goals"] == {}
+
+    table = (tmp_path / "table.md").read_text().strip().splitlines()
+    assert len(table) == 2 + len(grid) and table[0].startswith("| method | steps |")
+    assert (tmp_path / "memory_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_goals_compare_crbp_at_80_with_crbp_at_5_and_bptt_at_6(bench):
+    def point(method, steps, saved, rss):
+        return {"method": method, "steps": steps, "saved_bytes": saved, "peak_rss_delta_mib": rss}
+
+    goals = bench.check_goals([point("crbp", 5, 100, 50.0), point("crbp", 80, 105, 60.0), point("bptt", 6, 200, 55.0)])
+    assert goals["crbp80_over_crbp5_saved"] == pytest.approx(1.05)
+    assert goals["crbp80_within_10pct_of_crbp5_saved"] is True
+    assert goals["crbp80_within_10pct_of_crbp5_peak_rss"] is False
+    assert goals["crbp80_below_bptt6_saved"] is True
+    assert goals["crbp80_below_bptt6_peak_rss"] is False
+
+
+def test_single_mode_prints_one_point_as_json(bench, capsys):
+    args = ["--single", "--method", "crbp", "--point-steps", "3", "--batch", "2", "--channels", "4"]
+    bench.main(args + ["--size", "8", "--kernel", "3", "--threads", "1", "--repeats", "1", "--time-budget", "0"])
+    point = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert point["method"] == "crbp" and point["steps"] == 3 and point["saved_bytes"] > 0
+
+
+def test_bad_input_is_rejected(bench):
+    with pytest.raises(ValueError, match="kernel must be odd"):
+        bench.BenchmarkSettings(kernel=4).validate()
+    with pytest.raises(ValueError, match="Unknown method"):
+        bench.measure_point(_tiny(bench), "adjoint", 3)
+    with pytest.raises(ValueError, match="step count must be >= 1"):
+        bench.make_grid(["rbp"], [0, 5], [])
