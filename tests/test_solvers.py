@@ -281,3 +281,27 @@ def test_config_keys_are_validated_and_reach_the_dynamics():
     broken.MODEL.RECURRENT.GRAD = "bptt"
     with pytest.raises(ValueError, match="SOLVER='anderson' cannot train with MODEL.RECURRENT.GRAD='bptt'"):
         build_recurrent_dynamics(broken)
+
+
+def test_benchmark_solvers_writes_json_and_png(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "benchmark_solvers.py"
+    spec = importlib.util.spec_from_file_location("benchmark_solvers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(
+        ["--batch", "2", "--tols", "1e-2", "1e-4", "--repeats", "1", "--threads", "1", "--output-dir", str(tmp_path),
+         "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3"]
+    )
+    report = json.loads((tmp_path / "solvers.json").read_text())
+    assert (tmp_path / "residual_vs_evals.png").stat().st_size > 0
+    assert {(r["solver"], r["tol"]) for r in report["results"]} == {
+        (s, t) for s in ("iterate", "anderson") for t in (1e-2, 1e-4)
+    }
+    for row in report["results"]:
+        assert row["stop_reason"] == "converged" and row["max_relative_residual"] < row["tol"]
+        trace = [p["max_relative_residual"] for p in report["traces"][row["solver"]]]
+        assert row["evals"] == next(i for i, r in enumerate(trace, 1) if r < row["tol"])

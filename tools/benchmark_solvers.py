@@ -1,0 +1,225 @@
+#!/usr/bin/env python
+"""Function evaluations and wall time to reach the fixed point: plain iteration vs Anderson.
+
+The model is a Pathfinder segmentor (squared Gabor/DoG input filters, then the hGRU). By
+default it is randomly initialised at the CPU scale (16 channels, 7x7 kernels, 64x64
+images); ``--config-file`` and ``--weights`` load a trained one instead::
+
+    python tools/benchmark_solvers.py --copy-to-docs
+    python tools/benchmark_solvers.py --config-file output/pf/config.yaml --weights output/pf/model_final.pth
+
+The drive comes from a batch of generated Pathfinder images. Each solver solves
+``h = F(x, h)`` from ``h = 0`` under ``torch.no_grad()`` with the stopping rule of
+:func:`rfpn.recurrent.solve_fixed_point` (every sample's ``|F(h) - h| / |F(h)| < tol``).
+For every tolerance it records the function evaluations (cell calls on the batch) and the
+wall time; a run to the smallest tolerance also records the batch-max relative residual
+after every evaluation for the plot. Results: ``solvers.json`` and
+``residual_vs_evals.png`` in ``--output-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS_JSON = REPO_ROOT / "benchmarks" / "results" / "solvers.json"
+DOCS_FIGURE = REPO_ROOT / "docs" / "figures" / "solver_residuals.png"
+SOLVERS = ("iterate", "anderson")
+CPU_SCALE = ["MODEL.RECURRENT.CHANNELS", "16", "MODEL.RECURRENT.KERNEL_SIZE", "7", "MODEL.RECURRENT.NORM", "gn"]
+
+logger = logging.getLogger("rfpn.benchmark_solvers")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", default="", help="rfpn Pathfinder config (default: CPU-scale defaults)")
+    parser.add_argument("--weights", default="", help="checkpoint to load (default: random initialisation)")
+    parser.add_argument("--preset", default="cpu", choices=("cpu", "paper"), help="Pathfinder image generator preset")
+    parser.add_argument("--batch", type=int, default=8, help="images in the batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and of the random initialisation")
+    parser.add_argument("--tols", type=float, nargs="+", default=[1e-3, 1e-5], help="relative-residual tolerances")
+    parser.add_argument("--max-steps", type=int, default=500, help="cap on function evaluations per solve")
+    parser.add_argument("--anderson-m", type=int, default=5, help="Anderson history length")
+    parser.add_argument("--repeats", type=int, default=3, help="timed solves per (solver, tol); the median is kept")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--output-dir", default="output/benchmark_solvers", help="where to write JSON and PNG")
+    parser.add_argument("--copy-to-docs", action="store_true", help="also refresh the copies the README shows")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    args = parser.parse_args(argv)
+    if args.weights and not args.config_file:
+        parser.error("--weights needs the --config-file the checkpoint was trained with.")
+    if args.batch < 1 or args.max_steps < 1 or args.repeats < 1 or any(t <= 0 for t in args.tols):
+        parser.error("--batch, --max-steps and --repeats must be >= 1 and every --tols value > 0.")
+    return args
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The Pathfinder segmentor of ``--config-file`` (or CPU-scale defaults), weights loaded if given."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model as d2_build_model
+
+    from rfpn.config import add_rfpn_config
+
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    else:
+        cfg.MODEL.META_ARCHITECTURE = "PathfinderSegmentor"
+        cfg.merge_from_list(CPU_SCALE)
+    cfg.merge_from_list(args.opts + ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(args.seed)
+    model = d2_build_model(cfg)
+    if args.weights:
+        DetectionCheckpointer(model).load(args.weights)
+    cell = getattr(getattr(model, "core", None), "cell", None)
+    if cell is None:
+        raise ValueError("The model has no recurrent core (MODEL.PATHFINDER.CORE must be 'recurrent').")
+    return model.eval()
+
+
+def make_images(preset: str, batch: int, seed: int) -> torch.Tensor:
+    """A ``(batch, 1, S, S)`` batch of generated Pathfinder stimuli in [0, 1]."""
+    from rfpn.data.pathfinder_generator import PRESETS, render_sample
+
+    settings = PRESETS[preset].resolved()
+    images = [torch.from_numpy(render_sample(settings, seed * 100_003 + i).image) for i in range(batch)]
+    return torch.stack(images).unsqueeze(1).float() / 255.0
+
+
+def capture_drive(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The drive the model feeds its recurrent core for ``images``."""
+    captured: list[torch.Tensor] = []
+    handle = model.core.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach()))
+    try:
+        with torch.no_grad():
+            model.features(images)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def solve(cell, drive: torch.Tensor, solver: str, tol: float, max_steps: int, m: int, trace: list | None = None):
+    """One timed solve; ``trace`` (if given) collects (seconds, batch-max relative residual) per evaluation."""
+    from rfpn.recurrent import relative_residual, solve_fixed_point
+
+    start = time.perf_counter()
+
+    def step(h: torch.Tensor) -> torch.Tensor:
+        out = cell(drive, h)
+        if trace is not None:
+            trace.append((time.perf_counter() - start, float(relative_residual(out, h).max())))
+        return out
+
+    with torch.no_grad():
+        result = solve_fixed_point(step, cell.init_state(drive), solver, tol, max_steps, anderson_m=m)
+    return result, time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    model = build_model(args)
+    drive = capture_drive(model, make_images(args.preset, args.batch, args.seed))
+    cell = model.core.cell
+    logger.info("drive %s, cell %s", tuple(drive.shape), type(cell).__name__)
+    traces: dict[str, list[tuple[float, float]]] = {}
+    for solver in SOLVERS:
+        traces[solver] = []
+        solve(cell, drive, solver, min(args.tols), args.max_steps, args.anderson_m, traces[solver])
+    rows = []
+    for tol in sorted(args.tols, reverse=True):
+        times: dict[str, list[float]] = {solver: [] for solver in SOLVERS}
+        results = {}
+        for _ in range(args.repeats):  # interleaved, so load from other processes hits both solvers alike
+            for solver in SOLVERS:
+                results[solver], seconds = solve(cell, drive, solver, tol, args.max_steps, args.anderson_m)
+                times[solver].append(seconds)
+        for solver, result in results.items():
+            rows.append(
+                {
+                    "solver": solver,
+                    "tol": tol,
+                    "evals": result.evals,
+                    "stop_reason": result.stop_reason,
+                    "converged_fraction": float(result.converged.float().mean()),
+                    "max_relative_residual": float(result.relative_residual.max()),
+                    "steps_per_sample": result.steps_per_sample.tolist(),
+                    "wall_s": statistics.median(times[solver]),
+                }
+            )
+            logger.info(
+                "%-8s tol %.0e: %d evaluations (%s), %.2f s", solver, tol, result.evals, result.stop_reason,
+                rows[-1]["wall_s"],
+            )
+    speedups = {}
+    for tol in args.tols:
+        by_solver = {r["solver"]: r for r in rows if r["tol"] == tol}
+        plain, anderson = by_solver["iterate"], by_solver["anderson"]
+        both = plain["stop_reason"] == anderson["stop_reason"] == "converged"
+        speedups[f"{tol:g}"] = {
+            "evals_ratio": plain["evals"] / anderson["evals"] if both else None,
+            "wall_ratio": plain["wall_s"] / anderson["wall_s"] if both else None,
+        }
+    return {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("copy_to_docs",)},
+        "drive_shape": list(drive.shape),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
+        "results": rows,
+        "speedup_iterate_over_anderson": speedups,
+        "traces": {s: [{"wall_s": t, "max_relative_residual": r} for t, r in tr] for s, tr in traces.items()},
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for solver, trace in report["traces"].items():
+        residuals = [p["max_relative_residual"] for p in trace]
+        ax.semilogy(range(1, len(residuals) + 1), residuals, label=solver)
+    for tol in report["settings"]["tols"]:
+        ax.axhline(tol, color="grey", lw=0.8, ls="--")
+    source = "trained" if report["settings"]["weights"] else "random init"
+    ax.set_xlabel("function evaluations (cell calls on the batch)")
+    ax.set_ylabel("max over batch of |F(h) - h| / |F(h)|")
+    ax.set_title(f"hGRU fixed point ({source}, drive {tuple(report['drive_shape'])})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = run(args)
+    (out / "solvers.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / "residual_vs_evals.png")
+    logger.info("wrote %s and %s", out / "solvers.json", out / "residual_vs_evals.png")
+    for tol, ratio in report["speedup_iterate_over_anderson"].items():
+        logger.info("tol %s: plain iteration / Anderson = %s evaluations, %s wall time", tol,
+                    ratio["evals_ratio"], ratio["wall_ratio"])
+    if args.copy_to_docs:
+        for src, dst in ((out / "solvers.json", DOCS_JSON), (out / "residual_vs_evals.png", DOCS_FIGURE)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
