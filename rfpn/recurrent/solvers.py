@@ -145,9 +145,10 @@ def solve_fixed_point(
     Every step evaluates ``f`` once on the whole batch (``f`` may couple samples, as
     batch-statistics norms do); the solve stops when every sample's relative residual is
     below ``tol`` or after ``max_steps`` evaluations (``fixed`` or ``tol=0``: always
-    ``max_steps``). ``on_eval`` sees each image (for
-    recording states). With autograd on, the graph runs through every step (plain
-    iteration only: back-propagating through Anderson's fit is not supported). Raises ``FloatingPointError`` naming the step on NaN or inf.
+    ``max_steps``). ``on_eval`` sees each image (for recording states). With autograd on,
+    the graph runs through every step (plain iteration only: back-propagating through
+    Anderson's fit is not supported). Raises ``FloatingPointError`` naming the step on
+    NaN or inf.
     """
     if solver not in SOLVERS:
         raise ValueError(f"Unknown fixed-point solver {solver!r}; allowed values: {', '.join(SOLVERS)}.")
