@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Pathfinder benchmark of the gradient methods at CPU scale (a documented command, not a test).
+
+Trains BPTT, C-BPTT, RBP, C-RBP and the feed-forward control with the same budget (iterations,
+batch, data) and reports for each: test IoU (pooled contour IoU), recurrent steps, training memory
+(bytes autograd saves for backward in one training iteration, counted with
+``rfpn.recurrent.saved_tensor_bytes``), and seconds per training iteration. Then it tests the
+BPTT and C-RBP models, trained on the short contours, on longer ones (generalisation).
+
+Writes ``<output-dir>/benchmark_pathfinder.json`` and ``.png``; ``--copy-to-docs`` also copies
+the PNG to ``docs/figures/``. Example (README, "Pathfinder")::
+
+    python tools/benchmark_pathfinder.py --iters 1500 --prepare
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import time
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.utils.logger import setup_logger
+
+import rfpn  # noqa: F401  (registers datasets and models)
+from rfpn.config import add_rfpn_config
+from rfpn.data.pathfinder import register_pathfinder
+from rfpn.data.pathfinder_generator import main as prepare_pathfinder
+from rfpn.engine import Trainer
+from rfpn.recurrent import saved_tensor_bytes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "configs", "Pathfinder", "cpu")
+METHODS = {
+    "BPTT": "pfcpu9_hgru_bptt.yaml",
+    "C-BPTT": "pfcpu9_hgru_cbptt.yaml",
+    "RBP": "pfcpu9_hgru_rbp.yaml",
+    "C-RBP": "pfcpu9_hgru_crbp.yaml",
+    "FF control": "pfcpu9_ff_control.yaml",
+}
+GENERALISATION_METHODS = ("BPTT", "C-RBP")
+logger = logging.getLogger("rfpn.benchmark_pathfinder")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=1500, help="training iterations of every method (equal budget)")
+    p.add_argument("--train-set", default="pathfinder_cpu9", help="registered Pathfinder set to train and test on")
+    p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu9", "pathfinder_cpu12", "pathfinder_cpu14"],
+                   help="sets (longer contours) to test the BPTT and C-RBP models on")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output-dir", default=os.path.join("output", "benchmark_pathfinder"))
+    p.add_argument("--copy-to-docs", action="store_true", help="copy the PNG to docs/figures/")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method")
+    return p.parse_args(argv)
+
+
+def method_cfg(config_file: str, train_set: str, test_set: str, iters: int, output_dir: str, opts) -> CfgNode:
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, config_file))
+    scale = iters / cfg.SOLVER.MAX_ITER
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN", (f"{train_set}_train",),
+            "DATASETS.TEST", (f"{test_set}_test",),
+            "SOLVER.MAX_ITER", iters,
+            "SOLVER.STEPS", tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS),
+            "SOLVER.CHECKPOINT_PERIOD", iters,
+            "TEST.EVAL_PERIOD", 0,
+            "OUTPUT_DIR", output_dir,
+        ]
+    )
+    cfg.merge_from_list(opts)
+    cfg.freeze()
+    return cfg
+
+
+def training_bytes(cfg: CfgNode) -> int:
+    """Bytes saved for backward by one training iteration (forward + loss) of a fresh model."""
+    model = Trainer.build_model(cfg)
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    with saved_tensor_bytes() as counter:
+        loss = sum(model(batch).values())
+    loss.backward()
+    return counter.forward_bytes
+
+
+def run_method(name: str, args, out_root: str) -> dict:
+    train_set = args.train_set
+    out = os.path.join(out_root, name.replace(" ", "_").lower())
+    cfg = method_cfg(METHODS[name], train_set, train_set, args.iters, out, args.opts)
+    os.makedirs(out, exist_ok=True)
+    memory = training_bytes(cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    results = trainer.train()
+    elapsed = time.perf_counter() - start
+    timer = trainer.storage.history("time") if "time" in trainer.storage.histories() else None
+    sec_per_iter = timer.global_avg() if timer is not None else elapsed / args.iters
+    rc = cfg.MODEL.RECURRENT
+    row = {
+        "method": name,
+        "config": os.path.join("configs", "Pathfinder", "cpu", METHODS[name]),
+        "grad": rc.GRAD if cfg.MODEL.PATHFINDER.CORE == "recurrent" else "feedforward",
+        "steps": rc.STEPS if cfg.MODEL.PATHFINDER.CORE == "recurrent" else cfg.MODEL.PATHFINDER.FF_LAYERS,
+        "iters": args.iters,
+        "batch": cfg.SOLVER.IMS_PER_BATCH,
+        "iou": results["pathfinder"]["IoU"],
+        "saved_bytes": memory,
+        "sec_per_iter": sec_per_iter,
+        "checkpoint": os.path.join(out, "model_final.pth"),
+        "generalisation": {},
+    }
+    if name in GENERALISATION_METHODS:
+        for test_set in args.test_sets:
+            test_cfg = method_cfg(METHODS[name], train_set, test_set, args.iters, out, args.opts)
+            res = Trainer.test(test_cfg, trainer.model)
+            length = MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
+            row["generalisation"][str(length)] = res["pathfinder"]["IoU"]
+    logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
+    return row
+
+
+def plot(rows: list[dict], path: str, train_set: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    names = [r["method"] for r in rows]
+    axes[0].bar(names, [r["iou"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("test IoU (contour)")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title(f"{train_set}, equal budgets")
+    axes[1].bar(names, [r["saved_bytes"] / 2**20 for r in rows], color="tab:orange")
+    axes[1].set_ylabel("MiB saved for backward / iteration")
+    axes[1].set_title("training memory")
+    for r in rows:
+        if r["generalisation"]:
+            lengths = sorted(r["generalisation"], key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+            axes[2].plot(lengths, [r["generalisation"][x] for x in lengths], "o-", label=r["method"])
+    axes[2].set_xlabel("test contour length (paddles)")
+    axes[2].set_ylabel("test IoU")
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title(f"trained on {train_set}")
+    axes[2].legend()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    setup_logger()
+    setup_logger(name="rfpn")
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name in dict.fromkeys([args.train_set, *args.test_sets]):
+        match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
+        if args.prepare and match:
+            prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1)])
+        register_pathfinder(name)
+    rows = [run_method(name, args, args.output_dir) for name in args.methods]
+    json_path = os.path.join(args.output_dir, "benchmark_pathfinder.json")
+    with open(json_path, "w") as f:
+        json.dump({"train_set": args.train_set, "iters": args.iters, "threads": args.threads, "rows": rows}, f, indent=1)
+    png_path = os.path.join(args.output_dir, "benchmark_pathfinder.png")
+    plot(rows, png_path, args.train_set)
+    if args.copy_to_docs:
+        os.makedirs(os.path.join(REPO, "docs", "figures"), exist_ok=True)
+        shutil.copy(png_path, os.path.join(REPO, "docs", "figures", "benchmark_pathfinder.png"))
+    header = "| method | config | steps | IoU | MiB saved for backward | s / iter | " + " | ".join(
+        f"IoU on {n}" for n in args.test_sets
+    ) + " |"
+    print(header)
+    print("|" + "---|" * (6 + len(args.test_sets)))
+    for r in rows:
+        gen = " | ".join(f"{v:.3f}" for v in r["generalisation"].values()) if r["generalisation"] else " | ".join("-" * len(args.test_sets))
+        print(
+            f"| {r['method']} | `{r['config']}` | {r['steps']} | {r['iou']:.3f} | {r['saved_bytes'] / 2**20:.1f} | "
+            f"{r['sec_per_iter']:.2f} | {gen} |"
+        )
+    print(f"Wrote {json_path} and {png_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""The README's main job (``make demo``): Pathfinder with a C-RBP hGRU on 2 CPU cores, within 15 minutes.
+
+1. Generates the CPU-scale Pathfinder set ``pathfinder_cpu9`` once (kept when it already exists).
+2. Times a few training iterations on this machine and fits the schedule (iterations, learning-rate
+   drop, checkpoints) into the time budget, so the whole run stays under ``--minutes``.
+3. Trains with rfpn's Detectron2 Trainer (the log shows losses, the fixed-point residual and an ETA),
+   evaluates the pooled contour IoU on the test set, and prints where the checkpoint and the
+   TensorBoard events are.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+
+import rfpn  # noqa: F401  (registers the Pathfinder datasets and model)
+from rfpn.config import add_rfpn_config
+from rfpn.data.pathfinder import register_pathfinder
+from rfpn.data.pathfinder_generator import main as prepare_pathfinder
+from rfpn.engine import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "Pathfinder", "cpu", "pfcpu9_hgru_crbp.yaml")
+logger = logging.getLogger("rfpn.demo")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="a CPU-scale Pathfinder config")
+    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for the whole demo")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the machine has 2 cores)")
+    p.add_argument("--contour-length", type=int, default=9, help="target contour length of the generated set")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating the data")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    return p.parse_args(argv)
+
+
+def build_cfg(args: argparse.Namespace, dataset: str) -> CfgNode:
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(["DATASETS.TRAIN", (f"{dataset}_train",), "DATASETS.TEST", (f"{dataset}_test",)])
+    cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def seconds_per_iteration(cfg: CfgNode, iterations: int = 3) -> float:
+    """Median wall time of a training iteration of a throwaway copy of the model on real batches."""
+    model = Trainer.build_model(cfg)
+    optimizer = Trainer.build_optimizer(cfg, model)
+    loader = iter(Trainer.build_train_loader(cfg))
+    times = []
+    for _ in range(iterations + 1):  # the first iteration warms up the allocator and the loader
+        batch = next(loader)
+        start = time.perf_counter()
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    del loader
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def fit_schedule(cfg: CfgNode, seconds_left: float, sec_per_iter: float, eval_seconds: float) -> CfgNode:
+    """Scale MAX_ITER (and the LR drop, checkpoint and eval periods with it) to the time left."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    planned = cfg.SOLVER.MAX_ITER
+    affordable = int((seconds_left - eval_seconds) / (sec_per_iter * 1.1))  # 10% for loading and logging
+    if affordable < 20:
+        raise RuntimeError(
+            f"This machine trains at {sec_per_iter:.2f} s/iteration: {seconds_left / 60:.1f} minutes are not enough "
+            "for a useful demo. Pass --minutes with a larger budget, or stop other jobs using the cores."
+        )
+    max_iter = min(planned, affordable)
+    scale = max_iter / planned
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.STEPS = tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS)
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max_iter // 10)
+    cfg.SOLVER.CHECKPOINT_PERIOD = max_iter
+    cfg.TEST.EVAL_PERIOD = 0  # evaluate once, at the end
+    cfg.freeze()
+    return cfg
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.time()
+    budget = args.minutes * 60
+    torch.set_num_threads(args.threads)
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"Config file {args.config_file!r} does not exist.")
+    dataset = f"pathfinder_cpu{args.contour_length}"
+    cfg = build_cfg(args, dataset)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    for name in ("detectron2", "rfpn", "fvcore"):
+        setup_logger(cfg.OUTPUT_DIR, name=name, abbrev_name="d2" if name == "detectron2" else name)
+
+    logger.info(f"Step 1/3: the CPU-scale Pathfinder set {dataset} (generated once, then reused)")
+    prepare_pathfinder(["--preset", "cpu", "--contour-length", str(args.contour_length), "--workers", str(args.workers)])
+    register_pathfinder(dataset)
+
+    logger.info("Step 2/3: timing a few training iterations to fit the schedule into the budget")
+    cfg.freeze()
+    sec_per_iter = seconds_per_iteration(cfg)
+    # Inference runs TEST_STEPS forward steps without a backward: a few iterations' worth per batch.
+    num_test = len(Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0]).dataset)
+    eval_seconds = sec_per_iter * num_test / cfg.SOLVER.IMS_PER_BATCH * 0.5 + 10
+    cfg = fit_schedule(cfg, budget - (time.time() - start), sec_per_iter, eval_seconds)
+    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+    logger.info(
+        f"{sec_per_iter:.2f} s/iteration here: training {cfg.SOLVER.MAX_ITER} iterations of batch "
+        f"{cfg.SOLVER.IMS_PER_BATCH} ({cfg.MODEL.RECURRENT.GRAD}, {cfg.MODEL.RECURRENT.STEPS} steps), "
+        f"then evaluating {num_test} test images; config: {os.path.join(cfg.OUTPUT_DIR, 'config.yaml')}"
+    )
+
+    logger.info("Step 3/3: training and evaluation")
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+
+    iou = results.get("pathfinder", {}).get("IoU", float("nan"))
+    events = sorted(glob.glob(os.path.join(cfg.OUTPUT_DIR, "events.out.tfevents.*")))
+    logger.info(f"Pathfinder contour IoU on {cfg.DATASETS.TEST[0]} ({num_test} images): {iou:.4f}")
+    logger.info(f"Checkpoint: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
+    logger.info(f"TensorBoard events: {events[-1] if events else cfg.OUTPUT_DIR} (tensorboard --logdir {cfg.OUTPUT_DIR})")
+    logger.info(f"Demo finished in {(time.time() - start) / 60:.1f} minutes (budget {args.minutes:.0f}).")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
