@@ -89,6 +89,7 @@ class ResilientTrainer(DefaultTrainer):
             setup_logger()
         if not logging.getLogger("rfpn").handlers:  # rfpn's warnings (skips, cap hits) go to the run's log too
             setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="rfpn", abbrev_name="rfpn")
+            logging.getLogger("rfpn").propagate = True  # setup_logger cuts it; keep root handlers (pytest) working
         validate_training_safety_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
