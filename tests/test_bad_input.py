@@ -360,3 +360,17 @@ def test_prepare_scripts_report_an_unusable_root_in_one_line(script, tmp_path, c
         argv += ["--preset", "cpu", "--no-progress", "--workers", "1"]
     code, err = _exit_code_and_stderr(capsys, monkeypatch, lambda: run_cli(tool.main, prog=script), argv)
     assert code == 1 and len(err) == 1 and str(not_a_dir) in err[0], err
+
+
+def test_train_net_refuses_a_cpu_model_for_nccl_workers(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    train_net = _tool("tools/train_net.py")
+    argv = ["train_net.py", "--config-file", PF_CONFIG, "--num-gpus", "2"]
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main, argv)
+    assert code == 2 and len(err) == 1 and "add MODEL.DEVICE cuda" in err[0], err
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main,
+                                      argv[:-1] + ["4", "MODEL.DEVICE", "cuda"])
+    assert code == 2 and len(err) == 1 and "has 2 GPU(s)" in err[0], err

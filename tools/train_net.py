@@ -10,11 +10,13 @@ Usage, as with Detectron2's own ``tools/train_net.py``::
 
 ``--num-gpus N`` starts N processes through Detectron2's ``launch``: one per GPU with NCCL, or, on a
 machine without CUDA, N CPU processes with GLOO. ``SOLVER.IMS_PER_BATCH`` is the total batch over
-all processes. Several machines: run the same command on each with ``--num-machines M``,
+all processes. On a machine with GPUs, ``CUDA_VISIBLE_DEVICES=`` forces CPU processes. Several
+machines: run the same command on each with ``--num-machines M``,
 ``--machine-rank 0..M-1`` and the same ``--dist-url tcp://<rank-0 host>:<port>``.
 """
 from __future__ import annotations
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -56,7 +58,18 @@ def check_and_launch(args) -> None:
         )
     if args.dist_url == "auto" and args.num_machines > 1:
         raise UsageError("--dist-url auto works on one machine only; give every machine tcp://<rank-0 host>:<port>.")
-    checked_config(args)
+    cfg = checked_config(args)
+    processes = args.num_gpus * args.num_machines
+    if processes > 1 and torch.cuda.is_available():
+        if cfg.MODEL.DEVICE == "cpu":
+            raise UsageError(
+                "With CUDA present, --num-gpus starts one NCCL worker per GPU, and NCCL needs the model on its GPU: "
+                "add MODEL.DEVICE cuda, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train in CPU processes."
+            )
+        if args.num_gpus > torch.cuda.device_count():
+            raise UsageError(
+                f"--num-gpus {args.num_gpus} but this machine has {torch.cuda.device_count()} GPU(s); use at most that many."
+            )
     launch(
         main,
         args.num_gpus,
