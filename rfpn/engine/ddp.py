@@ -94,10 +94,10 @@ def check_replicas_in_sync(model: torch.nn.Module) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Synchronise every rank, then destroy the default process group (no-op without one).
+    """Destroy the default process group and its subgroups (no-op without one); never raises.
 
-    Called once at the end of a worker, also when it fails: the barrier is skipped then,
-    because the peers may be gone, and only the local group is torn down.
+    :func:`distributed_main` calls it once at the end of every worker: after a barrier when the
+    worker succeeded, at once when it failed (its peers may be gone).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
