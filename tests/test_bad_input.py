@@ -374,3 +374,26 @@ def test_train_net_refuses_a_cpu_model_for_nccl_workers(capsys, monkeypatch):
     code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main,
                                       argv[:-1] + ["4", "MODEL.DEVICE", "cuda"])
     assert code == 2 and len(err) == 1 and "has 2 GPU(s)" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "error,expected",
+    [
+        (KeyError("Non-existent config key: MODEL.FOO"), "Unknown config key MODEL.FOO."),
+        (AssertionError("Non-existent key: SOLVER.BAR"), "Unknown config key SOLVER.BAR."),
+        (AssertionError("Config file 'x.yaml' does not exist!"), "Config file 'x.yaml' does not exist. Pass"),
+        (KeyError("Dataset 'pf_x_train' is not registered! Available datasets are: a, b"),
+         "Dataset 'pf_x_train' is not registered. Pathfinder sets are made by datasets/prepare_pathfinder.py"),
+    ],
+)
+def test_run_cli_translates_detectron2_misuse_errors(error, expected, capsys):
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, prog="tool")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tool: error: {expected}") and err.count("\n") == 1, err
+    with pytest.raises(KeyError):  # other KeyErrors are bugs: they keep their traceback
+        run_cli(lambda: {}["missing"], prog="tool")

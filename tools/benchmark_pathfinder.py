@@ -33,6 +33,7 @@ from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.recurrent import saved_tensor_bytes
+from rfpn.utils import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "Pathfinder", "cpu")
@@ -197,4 +198,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -222,4 +222,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from rfpn.utils import run_cli
+
+    run_cli(main, sys.argv[1:])

@@ -10,7 +10,9 @@ with :func:`load_config` (which raises :class:`UsageError`) and run their entry 
 - ``OSError`` / ``ValueError`` (the data layer's clear errors, e.g. a truncated image named with
   the command that regenerates it): the same one-line form, exit code 1.
 
-Errors of a worker process (``--num-gpus N``) are judged by the worker's own exception.
+Errors of a worker process (``--num-gpus N``) are judged by the worker's own exception. Tools that
+merge configs or look up datasets themselves also get one line (exit code 2) for the missing-file and
+unknown-key errors of Detectron2's config and the unregistered-dataset error of its catalog.
 
 Set ``RFPN_TRACEBACK=1`` to print the full traceback as well.
 """
@@ -144,6 +146,22 @@ def run_cli(main: Callable[..., Any], *args: Any, prog: str | None = None) -> An
         code, error = 2, e
     except (OSError, ValueError) as e:
         code, error = 1, e
+    except (KeyError, AssertionError) as e:  # yacs's and Detectron2's catalog's words for a misspelt name
+        message = str(e.args[0]) if e.args else ""
+        if re.match(r"Non-existent (config )?key: ", message):
+            code, error = 2, UsageError(
+                f"Unknown config key {message.split(':', 1)[1].strip()}. Fix the spelling or remove it; rfpn's keys "
+                "are listed in rfpn/config.py, Detectron2's in detectron2/config/defaults.py."
+            )
+        elif re.match(r"Config file '.*' does not exist", message):
+            code, error = 2, UsageError(f"{message.rstrip('!')}. Pass the path of a YAML config; rfpn's are under configs/.")
+        elif re.match(r"Dataset '.*' is not registered", message):
+            code, error = 2, UsageError(
+                f"{message.split('!')[0]}. Pathfinder sets are made by datasets/prepare_pathfinder.py, synthetic panoptic "
+                "sets by datasets/prepare_synthetic_panoptic.py; set $DETECTRON2_DATASETS to their root."
+            )
+        else:
+            raise
     except ProcessRaisedException as e:  # a worker of a multi-process run failed: judge its own error
         last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         name = last.partition(":")[0].rsplit(".", 1)[-1]
