@@ -94,7 +94,8 @@ def run_panoptic(cfg: CfgNode, path: str, out_dir: str, steps_shown: int) -> lis
     written = []
     if "panoptic_seg" in outputs:
         seg, info = outputs["panoptic_seg"]
-        vis = Visualizer(rgb, metadata).draw_panoptic_seg(seg.to("cpu"), info)
+        scale = max(1.0, 512 / max(rgb.shape[:2]))  # small images get enlarged so labels stay legible
+        vis = Visualizer(rgb, metadata, scale=scale).draw_panoptic_seg(seg.to("cpu"), info)
         written.append(os.path.join(out_dir, f"{name}_panoptic.png"))
         vis.save(written[-1])
     instances = outputs["instances"].to("cpu")
