@@ -15,8 +15,9 @@ ground-truth boxes (so every object has a timecourse), and for each object:
 Writes ``flood_fill.json`` (per-object and mean numbers) and ``flood_fill_<k>.png`` for the
 first objects under ``--output-dir``. Usage::
 
-    python tools/analyze_flood_fill.py --config-file configs/Synthetic-Panoptic/panoptic_rfpn_R_18_crbp10.yaml \\
-        --num-images 8 --output-dir output/flood_fill MODEL.WEIGHTS output/.../model_final.pth
+    python tools/analyze_flood_fill.py --config-file configs/Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20.yaml \\
+        --synthetic synthetic_panoptic_bench output/benchmark_rfpn/data --dataset synthetic_panoptic_bench_val_separated \\
+        --num-images 10 --output-dir output/flood_fill MODEL.WEIGHTS output/benchmark_rfpn/crbp20/model_final.pth
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import rfpn  # noqa: F401  (registers rfpn's models and datasets)
 from rfpn.analysis import compare_fill_order, flood_fill_steps, select_steps, voronoi_tessellation
 from rfpn.analysis.figures import plot_flood_fill
 from rfpn.config import add_rfpn_config
+from rfpn.data import register_synthetic_panoptic
 
 logger = logging.getLogger("rfpn.analyze_flood_fill")
 
@@ -84,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--dataset", default="", help="panoptic dataset with instance masks (default: DATASETS.TEST[0])")
+    p.add_argument("--synthetic", nargs=2, metavar=("NAME", "ROOT"),
+                   help="first register the synthetic panoptic set ROOT/NAME (e.g. tools/benchmark_rfpn.py's "
+                        "synthetic_panoptic_bench output/benchmark_rfpn/data) as NAME_{train,val}_separated")
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--num-cells", type=int, default=12, help="Voronoi cells per object mask")
     p.add_argument("--min-pixels", type=int, default=40, help="skip objects with fewer mask pixels at head resolution")
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     setup_logger(name="rfpn")
     torch.set_num_threads(args.threads)
+    if args.synthetic:
+        register_synthetic_panoptic(*args.synthetic)
     cfg = setup_cfg(args)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
