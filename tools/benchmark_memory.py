@@ -414,4 +414,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from rfpn.utils import run_cli
+
+    run_cli(main, sys.argv[1:])
