@@ -238,8 +238,7 @@ def main() -> None:
                     continue
                 rows.append(train_and_evaluate(key, seed, args))
                 write_json(out, args, rows, sweep)  # finished runs survive an interrupted benchmark
-    rows = [r for r in rows if r["key"] in args.models and r["seed"] in args.seeds]
-    write_json(out, args, rows, sweep)
+    write_json(out, args, rows, sweep)  # every finished run at these iterations, also from earlier commands
     plot(rows, sweep, args.output_dir / "benchmark_rfpn.png")
     print(format_table(rows, sweep))
     print(f"Wrote {out} and {args.output_dir / 'benchmark_rfpn.png'}")
@@ -294,7 +293,7 @@ def format_table(rows: list[dict], sweep: list[dict]) -> str:
             lines.append(
                 f"| {r['model']} | {r['PQ']:.1f} | {per_seed} | {r['SQ']:.1f} | {r['RQ']:.1f} | {r['PQ_th']:.1f} "
                 f"| {r['PQ_st']:.1f} | {fmt(r['mask_AP'])} | {fmt(r['mIoU'])} | {r['sec_per_iter']:.2f} "
-                f"| {fmt(r['mask_head_bytes_per_roi'], 1024)} |"
+                f"| {r['mask_head_bytes_per_roi'] / 1024:.0f} |"
             )
     if sweep:
         steps = sorted({r["steps"] for r in sweep})
