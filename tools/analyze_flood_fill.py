@@ -29,7 +29,7 @@ import os
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import build_augmentation
 from detectron2.modeling import build_model
@@ -40,19 +40,14 @@ from tqdm import tqdm
 import rfpn  # noqa: F401  (registers rfpn's models and datasets)
 from rfpn.analysis import compare_fill_order, flood_fill_steps, select_steps, voronoi_tessellation
 from rfpn.analysis.figures import plot_flood_fill
-from rfpn.config import add_rfpn_config
 from rfpn.data import register_synthetic_panoptic
+from rfpn.utils.cli import load_config, run_cli
 
 logger = logging.getLogger("rfpn.analyze_flood_fill")
 
 
 def setup_cfg(args) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"Config file {args.config_file!r} does not exist.")
-    cfg = get_cfg()
-    add_rfpn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.ROI_MASK_HEAD.TIMECOURSE = True
     cfg.MODEL.RECURRENT.EPS = 0.0
@@ -156,4 +151,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

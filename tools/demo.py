@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -35,18 +35,13 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import rfpn  # noqa: F401  (registers rfpn's models and datasets)
 from rfpn.analysis import select_steps
 from rfpn.analysis.figures import plot_strip
-from rfpn.config import add_rfpn_config
+from rfpn.utils.cli import load_config, run_cli
 
 logger = logging.getLogger("rfpn.demo")
 
 
 def setup_cfg(args) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"Config file {args.config_file!r} does not exist.")
-    cfg = get_cfg()
-    add_rfpn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.ROI_MASK_HEAD.TIMECOURSE = True
     cfg.MODEL.PATHFINDER.RETURN_STEPS = True
@@ -152,4 +147,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
