@@ -61,8 +61,10 @@ def test_training_losses_and_logging(grad):
         logged = storage.histories()
     expected = {"loss_sem_seg", "loss_lcp"} if grad in ("cbptt", "crbp") else {"loss_sem_seg"}
     assert set(losses) == expected
-    assert "recurrent/residual" in logged
+    assert {"recurrent/residual", "recurrent/relative_residual", "recurrent/steps"} <= set(logged)
+    assert logged["recurrent/steps"].latest() == model.core.steps
     assert ("recurrent/lcp_penalty" in logged) == (grad in ("cbptt", "crbp"))
+    assert ("recurrent/neumann_terms" in logged) == (grad in ("rbp", "crbp"))
     assert all(torch.isfinite(v) for v in losses.values())
     assert model.input_conv.weight.grad is not None and model.input_conv.weight.grad.abs().sum() > 0
     cell_grads = [p.grad for p in model.core.parameters() if p.grad is not None]

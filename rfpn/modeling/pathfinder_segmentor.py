@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from rfpn.config import validate_pathfinder_config
+from rfpn.recurrent import RecurrentDynamics
 
 from .input_filters import gabor_dog_bank
-from .recurrent_core import build_recurrent_dynamics
+from .recurrent_core import build_recurrent_dynamics, log_recurrent_stats
 
 __all__ = ["PathfinderSegmentor", "FeedForwardCore", "pixel_loss"]
 
@@ -205,23 +205,6 @@ class PathfinderSegmentor(nn.Module):
         }
         if self.uses_lcp:
             losses["loss_lcp"] = self.lcp_weight * aux["penalty"]
-        self._log(aux)
+        if isinstance(self.core, RecurrentDynamics):
+            log_recurrent_stats(aux, "recurrent", self.core.grad)
         return losses
-
-    def _log(self, aux: dict[str, Any]) -> None:
-        """Fixed-point residual, raw LCP and Neumann terms into the active EventStorage, if any.
-
-        The Neumann statistics describe the most recent backward pass (the previous iteration's).
-        """
-        try:
-            storage = get_event_storage()
-        except AssertionError:
-            return
-        if "residual" in aux:
-            storage.put_scalar("recurrent/residual", aux["residual"], smoothing_hint=False)
-        if self.uses_lcp:
-            storage.put_scalar("recurrent/lcp_penalty", float(aux["penalty"].detach()), smoothing_hint=False)
-        stats = aux.get("neumann_stats")
-        if stats is not None and getattr(self.core, "grad", "") in ("rbp", "crbp"):
-            storage.put_scalar("recurrent/neumann_terms", stats.terms, smoothing_hint=False)
-            storage.put_scalar("recurrent/neumann_cap_hits", stats.cap_hits, smoothing_hint=False)

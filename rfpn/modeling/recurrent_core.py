@@ -1,7 +1,10 @@
 """Build the shared recurrent core (cell + dynamics) from ``cfg.MODEL.RECURRENT``."""
 from __future__ import annotations
 
+from typing import Any
+
 from detectron2.config import CfgNode
+from detectron2.utils.events import get_event_storage
 
 from rfpn.config import validate_recurrent_config
 from rfpn.recurrent import ConvLSTMCell, HGRUCell, RecurrentDynamics
@@ -34,3 +37,25 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
         backward_tol=rc.BACKWARD_TOL,
         backward_max_steps=rc.BACKWARD_MAX_STEPS,
     )
+
+
+def log_recurrent_stats(aux: dict[str, Any], prefix: str, grad: str) -> None:
+    """Write a training step's fixed-point statistics to the active EventStorage (no-op without one).
+
+    ``<prefix>/steps`` (cell evaluations), ``residual`` (mean |h_N - h_{N-1}|),
+    ``relative_residual`` (|h_N - h_{N-1}| / |h_N|), ``lcp_penalty`` for cbptt/crbp and, for
+    rbp/crbp, the terms and cap hits of the most recent implicit backward (the previous iteration's).
+    """
+    try:
+        storage = get_event_storage()
+    except AssertionError:
+        return
+    scalars = {"steps": aux["steps"], "residual": aux["residual"]}
+    if grad in ("cbptt", "crbp"):
+        scalars["lcp_penalty"] = float(aux["penalty"].detach())
+    if "relative_residual" in aux:
+        scalars["relative_residual"] = aux["relative_residual"]
+    stats = aux.get("neumann_stats")
+    if stats is not None and grad in ("rbp", "crbp"):
+        scalars.update(neumann_terms=stats.terms, neumann_cap_hits=stats.cap_hits)
+    storage.put_scalars(**{f"{prefix}/{k}": v for k, v in scalars.items()}, smoothing_hint=False)

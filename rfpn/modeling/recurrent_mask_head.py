@@ -25,12 +25,11 @@ from detectron2.modeling.roi_heads.mask_head import (
     mask_rcnn_loss,
 )
 from detectron2.structures import Instances
-from detectron2.utils.events import get_event_storage
 
 from rfpn.config import validate_rfpn_mask_head_config
 from rfpn.recurrent import RecurrentDynamics
 
-from .recurrent_core import build_recurrent_dynamics
+from .recurrent_core import build_recurrent_dynamics, log_recurrent_stats
 
 __all__ = ["RecurrentMaskHead"]
 
@@ -147,9 +146,7 @@ class RecurrentMaskHead(BaseMaskRCNNHead):
             losses = {"loss_mask": mask_rcnn_loss(logits, instances, self.vis_period) * self.loss_weight}
             if self.dynamics.uses_lcp:
                 losses["loss_lcp"] = self.lcp_weight * aux["penalty"]
-            storage = get_event_storage()
-            storage.put_scalar("mask_head/residual", aux["residual"])
-            storage.put_scalar("mask_head/lcp_penalty", float(aux["penalty"].detach()))
+            log_recurrent_stats(aux, "mask_head", self.dynamics.grad)
             return losses
         logits, aux = self._run(x, return_states=self.timecourse)
         mask_rcnn_inference(logits, instances)
