@@ -31,6 +31,15 @@ __all__ = [
 EARLY_COLOR, LATE_COLOR, EXEMPLAR_COLOR = "tab:red", "tab:blue", "gold"
 
 
+def _style_iou_axis(ax, xlabel: str) -> None:
+    """Labels, the [0, 1] IoU range and a legend, in the small fonts every figure here uses."""
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("IoU", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+
+
 def _save(fig: Figure, path: str, dpi: int = 100) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     FigureCanvasAgg(fig)
@@ -150,11 +159,7 @@ def plot_iou_vs_step(path: str, curves: Mapping[str, np.ndarray], n: Mapping[str
         ax.plot(steps, ious, color=color, label=name)
         if n and name in n:
             ax.axvline(n[name], color=color, ls="--", lw=0.8)
-    ax.set_xlabel("step t", fontsize=8)
-    ax.set_ylabel("IoU", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
+    _style_iou_axis(ax, "step t")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -175,11 +180,7 @@ def plot_generalization(path: str, matrix: GeneralizationMatrix) -> str:
     fig.colorbar(im, ax=ax_map, fraction=0.046)
     for i, (label, row) in enumerate(zip(labels, values)):
         ax_line.plot(matrix.test_lengths, row, "-o", color=f"C{i}", label=label, ms=3)
-    ax_line.set_xlabel("test contour length", fontsize=8)
-    ax_line.set_ylabel("IoU", fontsize=8)
-    ax_line.set_ylim(0, 1)
-    ax_line.tick_params(labelsize=7)
-    ax_line.legend(fontsize=7)
+    _style_iou_axis(ax_line, "test contour length")
     fig.tight_layout()
     return _save(fig, path)
 
