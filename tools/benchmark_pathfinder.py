@@ -8,9 +8,13 @@ batch, data) and reports for each: test IoU (pooled contour IoU), recurrent step
 BPTT and C-RBP models, trained on the short contours, on longer ones (generalisation).
 
 Writes ``<output-dir>/benchmark_pathfinder.json`` and ``.png``; ``--copy-to-docs`` also copies
-the PNG to ``docs/figures/``. Example (README, "Pathfinder")::
+the PNG to ``docs/figures/``. Each method's result is kept in ``<output-dir>/<method>/row.json``:
+a re-run (say, after an interruption) trains only the methods without one (``--rerun`` retrains).
+``--jobs 2`` trains two methods at a time in child processes with one thread each, which on a
+2-core machine halves the wall time (one thread per process is as fast here as two). Example
+(README, "Pathfinder")::
 
-    python tools/benchmark_pathfinder.py --iters 1500 --prepare
+    python tools/benchmark_pathfinder.py --iters 3000 --prepare --jobs 2 --copy-to-docs
 """
 from __future__ import annotations
 
@@ -20,7 +24,10 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -56,7 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sets (longer contours) to test the BPTT and C-RBP models on")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per training process")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods trained at once, each in a child process with --threads // --jobs threads")
+    p.add_argument("--rerun", action="store_true", help="retrain methods that already have a row.json")
+    p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
     p.add_argument("--output-dir", default=os.path.join("output", "benchmark_pathfinder"))
     p.add_argument("--copy-to-docs", action="store_true", help="copy the PNG to docs/figures/")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method")
@@ -94,9 +105,29 @@ def training_bytes(cfg: CfgNode) -> int:
     return counter.forward_bytes
 
 
+def method_dir(out_root: str, name: str) -> str:
+    return os.path.join(out_root, name.replace(" ", "_").lower())
+
+
+def load_row(out_root: str, name: str) -> dict | None:
+    path = os.path.join(method_dir(out_root, name), "row.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_row(out_root: str, row: dict) -> None:
+    """Write the row atomically: a half-written file must never count as a finished method."""
+    path = os.path.join(method_dir(out_root, row["method"]), "row.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(row, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def run_method(name: str, args, out_root: str) -> dict:
     train_set = args.train_set
-    out = os.path.join(out_root, name.replace(" ", "_").lower())
+    out = method_dir(out_root, name)
     cfg = method_cfg(METHODS[name], train_set, train_set, args.iters, out, args.opts)
     os.makedirs(out, exist_ok=True)
     memory = training_bytes(cfg)
@@ -108,11 +139,16 @@ def run_method(name: str, args, out_root: str) -> dict:
     timer = trainer.storage.history("time") if "time" in trainer.storage.histories() else None
     sec_per_iter = timer.global_avg() if timer is not None else elapsed / args.iters
     rc = cfg.MODEL.RECURRENT
+    recurrent = cfg.MODEL.PATHFINDER.CORE == "recurrent"
+    steps_key = next((k for k in trainer.storage.histories() if k.endswith("/steps")), None)
     row = {
         "method": name,
         "config": os.path.join("configs", "Pathfinder", "cpu", METHODS[name]),
         "grad": rc.GRAD if cfg.MODEL.PATHFINDER.CORE == "recurrent" else "feedforward",
-        "steps": rc.STEPS if cfg.MODEL.PATHFINDER.CORE == "recurrent" else cfg.MODEL.PATHFINDER.FF_LAYERS,
+        "solver": rc.SOLVER if recurrent else "-",
+        "steps": (rc.STEPS if rc.SOLVER == "fixed" else rc.MAX_STEPS) if recurrent else cfg.MODEL.PATHFINDER.FF_LAYERS,
+        # cell evaluations per forward pass, averaged over the last 20% of training
+        "mean_steps": trainer.storage.history(steps_key).avg(max(1, args.iters // 5)) if steps_key else None,
         "iters": args.iters,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
         "iou": results["pathfinder"]["IoU"],
@@ -128,7 +164,26 @@ def run_method(name: str, args, out_root: str) -> dict:
             length = MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
             row["generalisation"][str(length)] = res["pathfinder"]["IoU"]
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
+    save_row(out_root, row)
     return row
+
+
+def run_in_child(name: str, args) -> None:
+    """Train one method in a child process (its log goes to ``<method>/benchmark.log``)."""
+    out = method_dir(args.output_dir, name)
+    os.makedirs(out, exist_ok=True)
+    threads = max(1, args.threads // args.jobs)
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--methods", name, "--rerun", "--row-only",
+        "--iters", str(args.iters), "--train-set", args.train_set, "--test-sets", *args.test_sets,
+        "--threads", str(threads), "--output-dir", args.output_dir, *args.opts,
+    ]
+    logger.info(f"{name}: training in a child process, log in {out}/benchmark.log")
+    with open(os.path.join(out, "benchmark.log"), "w") as log:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {done.returncode}); see {out}/benchmark.log")
 
 
 def plot(rows: list[dict], path: str, train_set: str) -> None:
@@ -162,6 +217,10 @@ def plot(rows: list[dict], path: str, train_set: str) -> None:
     plt.close(fig)
 
 
+def _steps_used(row: dict) -> str:
+    return "-" if row.get("mean_steps") is None else f"{row['mean_steps']:.1f}"
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -173,7 +232,16 @@ def main(argv=None) -> list[dict]:
         if args.prepare and match:
             prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1)])
         register_pathfinder(name)
-    rows = [run_method(name, args, args.output_dir) for name in args.methods]
+    todo = [n for n in args.methods if args.rerun or load_row(args.output_dir, n) is None]
+    if todo and args.jobs > 1:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda n: run_in_child(n, args), todo))
+    else:
+        for name in todo:
+            run_method(name, args, args.output_dir)
+    rows = [load_row(args.output_dir, n) for n in METHODS if n in args.methods]
+    if args.row_only:
+        return rows
     json_path = os.path.join(args.output_dir, "benchmark_pathfinder.json")
     with open(json_path, "w") as f:
         json.dump({"train_set": args.train_set, "iters": args.iters, "threads": args.threads, "rows": rows}, f, indent=1)
@@ -182,15 +250,15 @@ def main(argv=None) -> list[dict]:
     if args.copy_to_docs:
         os.makedirs(os.path.join(REPO, "docs", "figures"), exist_ok=True)
         shutil.copy(png_path, os.path.join(REPO, "docs", "figures", "benchmark_pathfinder.png"))
-    header = "| method | config | steps | IoU | MiB saved for backward | s / iter | " + " | ".join(
+    header = "| method | config | steps (max) | steps used | IoU | MiB saved for backward | s / iter | " + " | ".join(
         f"IoU on {n}" for n in args.test_sets
     ) + " |"
     print(header)
-    print("|" + "---|" * (6 + len(args.test_sets)))
+    print("|" + "---|" * (7 + len(args.test_sets)))
     for r in rows:
         gen = " | ".join(f"{v:.3f}" for v in r["generalisation"].values()) if r["generalisation"] else " | ".join("-" * len(args.test_sets))
         print(
-            f"| {r['method']} | `{r['config']}` | {r['steps']} | {r['iou']:.3f} | {r['saved_bytes'] / 2**20:.1f} | "
+            f"| {r['method']} | `{r['config']}` | {r['steps']} | {_steps_used(r)} | {r['iou']:.3f} | {r['saved_bytes'] / 2**20:.1f} | "
             f"{r['sec_per_iter']:.2f} | {gen} |"
         )
     print(f"Wrote {json_path} and {png_path}")
