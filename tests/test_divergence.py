@@ -169,3 +169,41 @@ def test_neumann_cap_hook_stays_silent_when_the_cap_is_not_reached():
     trainer.train(0, 2)
     counts = [int(v) for v, _ in trainer.storage.history("recurrent/neumann_cap_hits_total").values()]
     assert counts == [0, 0]
+
+
+def _skip_on_one_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two GLOO ranks: rank 1 alone sees a NaN loss at iteration 1 (run in a child process)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from rfpn.engine.ddp import create_ddp_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails instead of hanging
+    try:
+        torch.manual_seed(0)
+        model = create_ddp_model(TinyRecurrent(grad="bptt"), broadcast_buffers=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        special = {1: {"poison": float("nan")}} if rank == 1 else {}
+        trainer = NonFiniteGuardTrainer(model, _batches(special), optimizer, nonfinite="skip")
+        snaps = _Snapshots(trainer).snaps
+        trainer.train(0, 3)
+        torch.save({"snaps": snaps, "skipped": trainer.skipped_batches}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skip_mode_agrees_across_ranks_when_one_rank_sees_a_nan(tmp_path):
+    # Without the all-reduce of the skip decision, rank 0 would step while rank 1 skipped, and
+    # its backward would wait forever for rank 1's gradients (or the weights would part ways).
+    torch.multiprocessing.spawn(_skip_on_one_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["skipped"] for r in ranks] == [1, 1]
+    for r in ranks:
+        snaps = r["snaps"]
+        assert torch.equal(snaps[1], snaps[0]), "the skipped iteration changed the weights"
+        assert not torch.equal(snaps[2], snaps[1]), "the iteration after the skip did not train"
+    for a, b in zip(ranks[0]["snaps"], ranks[1]["snaps"]):
+        assert torch.equal(a, b)
