@@ -6,7 +6,8 @@ from torch.func import functional_call
 from rfpn.recurrent import HGRUCell, RecurrentDynamics, neumann_solve
 
 
-def _tiny_hgru(norm: str = "none", scale: float = 1.0, seed: int = 0) -> HGRUCell:
+def tiny_hgru(norm: str = "none", scale: float = 1.0, seed: int = 0) -> HGRUCell:
+    """A 2-channel float64 hGRU with its recurrent kernels scaled by ``scale`` (shared with test_solvers)."""
     torch.manual_seed(seed)
     cell = HGRUCell(channels=2, kernel_size=3, norm=norm, timesteps=6).double()
     with torch.no_grad():
@@ -17,7 +18,7 @@ def _tiny_hgru(norm: str = "none", scale: float = 1.0, seed: int = 0) -> HGRUCel
 
 @pytest.mark.parametrize("norm", ["none", "gn", "bn"])
 def test_bptt_matches_finite_differences(norm):
-    dyn = RecurrentDynamics(_tiny_hgru(norm), steps=3, grad="bptt").train()
+    dyn = RecurrentDynamics(tiny_hgru(norm), steps=3, grad="bptt").train()
     x = torch.rand(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     names = ["w_inh.weight", "alpha", "u2.bias"]
     params = {n: p.detach().clone().requires_grad_() for n, p in dyn.named_parameters()}
@@ -58,7 +59,7 @@ def _rel_err(a, b):
 
 
 def test_rbp_matches_bptt_and_exact_implicit_gradient():
-    cell = _tiny_hgru("none", scale=0.3)
+    cell = tiny_hgru("none", scale=0.3)
     torch.manual_seed(1)
     x = torch.rand(1, 2, 4, 4, dtype=torch.float64)
     weight = torch.randn(1, 2, 4, 4, dtype=torch.float64)

@@ -15,6 +15,8 @@ from rfpn.recurrent import (
     solve_fixed_point,
 )
 
+from test_recurrent_gradients import tiny_hgru
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -23,15 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _hgru(norm: str = "none", scale: float = 1.0, seed: int = 0) -> HGRUCell:
-    torch.manual_seed(seed)
-    cell = HGRUCell(channels=2, kernel_size=3, norm=norm, timesteps=6).double()
-    with torch.no_grad():
-        for conv in (cell.w_inh, cell.w_exc, cell.u1, cell.u2):
-            conv.weight.mul_(scale)
-    return cell
 
 
 def _drive(batch: int = 3, size: int = 5, seed: int = 1) -> torch.Tensor:
@@ -73,7 +66,7 @@ class PoisonedCell(WrapCell):
 
 @pytest.mark.parametrize("norm", ["none", "bn"])
 def test_anderson_reaches_fixed_point_of_long_iteration_with_fewer_evaluations(norm):
-    cell, x = _hgru(norm), _drive(size=4)
+    cell, x = tiny_hgru(norm), _drive(size=4)
     with torch.no_grad():
         h_ref, ref_aux = RecurrentDynamics(cell, steps=1, solver="iterate", tol=1e-12, max_steps=3000).eval()(x)
     assert ref_aux["solver_stop"] == "converged"
@@ -91,7 +84,7 @@ def test_anderson_reaches_fixed_point_of_long_iteration_with_fewer_evaluations(n
 
 
 def test_iterate_reports_per_sample_steps_and_residuals_of_the_trajectory():
-    cell, x = _hgru("gn"), _drive(size=4)
+    cell, x = tiny_hgru("gn"), _drive(size=4)
     x[1] *= 0.1
     tol, cap = 1e-6, 400
     with torch.no_grad():
@@ -109,7 +102,7 @@ def test_iterate_reports_per_sample_steps_and_residuals_of_the_trajectory():
 
 @pytest.mark.parametrize("norm", ["none", "bn"])
 def test_rbp_with_anderson_both_ways_matches_exact_implicit_gradient(norm):
-    cell, x = _hgru(norm), _drive(batch=2, size=4)
+    cell, x = tiny_hgru(norm), _drive(batch=2, size=4)
     weight = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     dyn = RecurrentDynamics(
         cell,
@@ -202,7 +195,7 @@ def test_non_finite_state_raises_naming_the_step_for_every_solver():
 
 
 def test_bptt_iterate_stops_on_tolerance_and_equals_fixed_bptt_of_that_length():
-    cell, x = _hgru("gn", scale=0.5), _drive(batch=2, size=4)
+    cell, x = tiny_hgru("gn", scale=0.5), _drive(batch=2, size=4)
 
     def grads(dyn):
         x_leaf = x.clone().requires_grad_()
