@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rfpn-installed
 
-.PHONY: install demo test benchmark-memory clean-venv
+.PHONY: install demo test benchmark-memory benchmark-pathfinder clean-venv
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 benchmark-memory: $(STAMP)
 	$(BIN)/python tools/benchmark_memory.py
+
+# About 2 hours on 2 cores: five methods x 3,000 iterations, two at a time (README, "Pathfinder").
+benchmark-pathfinder: $(STAMP)
+	$(BIN)/python tools/benchmark_pathfinder.py --iters 3000 --prepare --jobs 2 --copy-to-docs
 
 clean-venv:
 	rm -rf $(VENV)
