@@ -125,6 +125,11 @@ def save_row(out_root: str, row: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def contour_length_of(test_set: str):
+    """The contour length of a registered Pathfinder set (its name when the metadata lacks it)."""
+    return MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
+
+
 def run_method(name: str, args, out_root: str) -> dict:
     train_set = args.train_set
     out = method_dir(out_root, name)
@@ -159,10 +164,12 @@ def run_method(name: str, args, out_root: str) -> dict:
     }
     if name in GENERALISATION_METHODS:
         for test_set in args.test_sets:
+            if test_set == train_set:  # the training run's own evaluation
+                row["generalisation"][str(contour_length_of(test_set))] = row["iou"]
+                continue
             test_cfg = method_cfg(METHODS[name], train_set, test_set, args.iters, out, args.opts)
             res = Trainer.test(test_cfg, trainer.model)
-            length = MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
-            row["generalisation"][str(length)] = res["pathfinder"]["IoU"]
+            row["generalisation"][str(contour_length_of(test_set))] = res["pathfinder"]["IoU"]
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
     save_row(out_root, row)
     return row
