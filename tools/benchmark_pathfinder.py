@@ -125,7 +125,7 @@ def save_row(out_root: str, row: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def contour_length_of(test_set: str):
+def contour_length_of(test_set: str) -> int | str:
     """The contour length of a registered Pathfinder set (its name when the metadata lacks it)."""
     return MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
 
@@ -149,7 +149,7 @@ def run_method(name: str, args, out_root: str) -> dict:
     row = {
         "method": name,
         "config": os.path.join("configs", "Pathfinder", "cpu", METHODS[name]),
-        "grad": rc.GRAD if cfg.MODEL.PATHFINDER.CORE == "recurrent" else "feedforward",
+        "grad": rc.GRAD if recurrent else "feedforward",
         "solver": rc.SOLVER if recurrent else "-",
         "steps": (rc.STEPS if rc.SOLVER == "fixed" else rc.MAX_STEPS) if recurrent else cfg.MODEL.PATHFINDER.FF_LAYERS,
         # cell evaluations per forward pass, averaged over the last 20% of training
