@@ -24,10 +24,8 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -41,6 +39,7 @@ from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
+from rfpn.utils.jobs import ChildJob, run_child_jobs, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "Pathfinder", "cpu")
@@ -119,10 +118,7 @@ def load_row(out_root: str, name: str) -> dict | None:
 
 def save_row(out_root: str, row: dict) -> None:
     """Write the row atomically: a half-written file must never count as a finished method."""
-    path = os.path.join(method_dir(out_root, row["method"]), "row.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(os.path.join(method_dir(out_root, row["method"]), "row.json"), row)
 
 
 def contour_length_of(test_set: str) -> int | str:
@@ -175,22 +171,15 @@ def run_method(name: str, args, out_root: str) -> dict:
     return row
 
 
-def run_in_child(name: str, args) -> None:
-    """Train one method in a child process (its log goes to ``<method>/benchmark.log``)."""
-    out = method_dir(args.output_dir, name)
-    os.makedirs(out, exist_ok=True)
+def child_job(name: str, args) -> ChildJob:
+    """One method trained by this script in a child process (its log: ``<method>/benchmark.log``)."""
     threads = max(1, args.threads // args.jobs)
-    cmd = [
+    argv = [
         sys.executable, os.path.abspath(__file__), "--methods", name, "--rerun", "--row-only",
         "--iters", str(args.iters), "--train-set", args.train_set, "--test-sets", *args.test_sets,
         "--threads", str(threads), "--output-dir", args.output_dir, *args.opts,
     ]
-    logger.info(f"{name}: training in a child process, log in {out}/benchmark.log")
-    with open(os.path.join(out, "benchmark.log"), "w") as log:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {done.returncode}); see {out}/benchmark.log")
+    return ChildJob(name, argv, os.path.join(method_dir(args.output_dir, name), "benchmark.log"), threads)
 
 
 def plot(rows: list[dict], path: str, train_set: str) -> None:
@@ -241,8 +230,7 @@ def main(argv=None) -> list[dict]:
         register_pathfinder(name)
     todo = [n for n in args.methods if args.rerun or load_row(args.output_dir, n) is None]
     if todo and args.jobs > 1:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda n: run_in_child(n, args), todo))
+        run_child_jobs([child_job(n, args) for n in todo], args.jobs)
     else:
         for name in todo:
             run_method(name, args, args.output_dir)
@@ -250,8 +238,7 @@ def main(argv=None) -> list[dict]:
     if args.row_only:
         return rows
     json_path = os.path.join(args.output_dir, "benchmark_pathfinder.json")
-    with open(json_path, "w") as f:
-        json.dump({"train_set": args.train_set, "iters": args.iters, "threads": args.threads, "rows": rows}, f, indent=1)
+    write_json_atomic(json_path, {"train_set": args.train_set, "iters": args.iters, "threads": args.threads, "rows": rows})
     png_path = os.path.join(args.output_dir, "benchmark_pathfinder.png")
     plot(rows, png_path, args.train_set)
     if args.copy_to_docs:

@@ -12,10 +12,13 @@ for several step counts under BPTT and C-RBP. Writes ``benchmark_rfpn.json`` and
 
     .venv/bin/python tools/benchmark_rfpn.py --seeds 0 1 2          # all five models, 100 iterations each
     .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --iters 20 --output-dir output/quick
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --seeds 0 1 2 3 4 --iters 300 --jobs 2 \
+        --output-dir output/benchmark_rfpn_300
 
 The dataset is generated under ``--data-root`` on first use (datasets/prepare_synthetic_panoptic.py
-does the same). Finished runs are kept in the JSON and reused when the command is repeated
-with more seeds or models (same ``--iters``). Keep runs short: the machine's cores are shared.
+does the same). Every finished run saves ``<output-dir>/<model>_seed<seed>/row.json`` and is kept in
+the JSON; both are reused when the command is repeated with more seeds or models (same ``--iters``),
+also after an interruption. ``--jobs 2`` trains two runs at once in one-thread child processes.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from rfpn import model_zoo
 from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic
 from rfpn.engine import Trainer
 from rfpn.recurrent import saved_tensor_bytes
+from rfpn.utils.jobs import ChildJob, run_child_jobs, write_json_atomic
 
 logger = logging.getLogger("rfpn.benchmark_rfpn")
 
@@ -94,7 +99,7 @@ def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[st
             "SOLVER.WARMUP_ITERS", min(50, args.iters // 5),
             "SOLVER.CHECKPOINT_PERIOD", 10 * args.iters,
             "DATALOADER.NUM_WORKERS", 0,
-            "OUTPUT_DIR", str(args.output_dir / f"{key}_seed{seed}"),
+            "OUTPUT_DIR", str(run_dir(args, key, seed)),
             "SEED", seed,
         ]
     )
@@ -133,6 +138,8 @@ def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[st
         "rois_per_iter_median": statistics.median(n for _, n in memory) if memory else None,
     }
     logger.info("%s: %s", label, json.dumps(row))
+    run_dir(args, key, seed).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(str(run_dir(args, key, seed) / "row.json"), row)  # finished runs survive an interruption
     return row
 
 
@@ -198,6 +205,29 @@ def plot(rows: list[dict], sweep: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_dir(args: argparse.Namespace, key: str, seed: int) -> Path:
+    return args.output_dir / f"{key}_seed{seed}"
+
+
+def load_run(args: argparse.Namespace, key: str, seed: int) -> dict | None:
+    """The row a finished run saved in its own directory (None if it has not finished)."""
+    path = run_dir(args, key, seed) / "row.json"
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    return row if row["iters"] == args.iters else None
+
+
+def child_job(args: argparse.Namespace, key: str, seed: int) -> ChildJob:
+    """One (model, seed) run of this script in a child process with one thread."""
+    argv = [
+        sys.executable, str(Path(__file__).resolve()), "--models", key, "--seeds", str(seed), "--row-only",
+        "--iters", str(args.iters), "--data-root", str(args.data_root), "--output-dir", str(args.output_dir),
+        "--threads", "1",
+    ]
+    return ChildJob(f"{key} seed {seed}", argv, str(run_dir(args, key, seed) / "benchmark.log"), threads=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -210,6 +240,9 @@ def main() -> None:
     parser.add_argument("--sweep-rois", type=int, default=32)
     parser.add_argument("--skip-training", action="store_true", help="only the controlled memory sweep")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in a child process with one thread (2 on a 2-core machine)")
+    parser.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: train, save row
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (results are averaged)")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_rfpn"))
@@ -219,6 +252,12 @@ def main() -> None:
     setup_logger(name="detectron2")
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.row_only:
+        register_synthetic_panoptic(DATASET_NAME, str(args.data_root))
+        for seed in args.seeds:
+            for key in args.models:
+                train_and_evaluate(key, seed, args)
+        return
 
     out = args.output_dir / "benchmark_rfpn.json"
     rows, sweep = load_previous(out, args)
@@ -231,14 +270,15 @@ def main() -> None:
             )
         register_synthetic_panoptic(DATASET_NAME, str(args.data_root))
         done = {(r["key"], r["seed"]) for r in rows}
-        for seed in args.seeds:
-            for key in args.models:
-                if (key, seed) in done:
-                    logger.info("Reusing the finished run of %s, seed %d, from %s", key, seed, out)
-                    continue
-                rows.append(train_and_evaluate(key, seed, args))
-                write_json(out, args, rows, sweep)  # finished runs survive an interrupted benchmark
-    write_json(out, args, rows, sweep)  # every finished run at these iterations, also from earlier commands
+        todo = [(key, seed) for seed in args.seeds for key in args.models if (key, seed) not in done]
+        pending = [(key, seed) for key, seed in todo if load_run(args, key, seed) is None]
+        if args.jobs > 1:
+            run_child_jobs([child_job(args, key, seed) for key, seed in pending], args.jobs)
+        else:
+            for key, seed in pending:
+                train_and_evaluate(key, seed, args)
+        rows += [load_run(args, key, seed) for key, seed in todo]
+    write_json_atomic(str(out), payload(args, rows, sweep))  # every finished run at these iterations
     plot(rows, sweep, args.output_dir / "benchmark_rfpn.png")
     print(format_table(rows, sweep))
     print(f"Wrote {out} and {args.output_dir / 'benchmark_rfpn.png'}")
@@ -263,9 +303,8 @@ def load_previous(path: Path, args: argparse.Namespace) -> tuple[list[dict], lis
     return rows, sweep if same_sweep else []
 
 
-def write_json(path: Path, args: argparse.Namespace, rows: list[dict], sweep: list[dict]) -> None:
-    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "models": rows, "memory_sweep": sweep}
-    path.write_text(json.dumps(payload, indent=2))
+def payload(args: argparse.Namespace, rows: list[dict], sweep: list[dict]) -> dict[str, Any]:
+    return {"args": {k: str(v) for k, v in vars(args).items()}, "models": rows, "memory_sweep": sweep}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
