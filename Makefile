@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rfpn-installed
 
-.PHONY: install demo test benchmark-memory benchmark-pathfinder clean-venv
+.PHONY: install demo test benchmark-memory benchmark-pathfinder benchmark-rfpn clean-venv
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ benchmark-memory: $(STAMP)
 # About 2 hours on 2 cores: five methods x 3,000 iterations, two at a time (README, "Pathfinder").
 benchmark-pathfinder: $(STAMP)
 	$(BIN)/python tools/benchmark_pathfinder.py --iters 3000 --prepare --jobs 2 --copy-to-docs
+
+# About 45 minutes on 2 cores: Panoptic FPN vs R-FPN C-RBP-20, 8 seeds x 300 iterations, two runs at a
+# time (README, "R-FPN"). Reuses finished runs (<output-dir>/<model>_seed<seed>/row.json).
+benchmark-rfpn: $(STAMP)
+	$(BIN)/python tools/benchmark_rfpn.py --models fpn crbp20 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
+		--output-dir output/benchmark_rfpn_300
 
 clean-venv:
 	rm -rf $(VENV)
