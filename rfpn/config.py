@@ -36,6 +36,7 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.LCP_WEIGHT = 10.0  # weight xi of the LCP in the loss (used by cbptt / crbp only)
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
     _C.SOLVER = "fixed"  # forward solver: "fixed" (STEPS / TEST_STEPS steps), "iterate" or "anderson" (stop on TOL)
+    _C.TEST_SOLVER = ""  # inference solver: "" reuses SOLVER, or "fixed" (TEST_STEPS steps) / "iterate" / "anderson"
     _C.TOL = 1e-4  # iterate/anderson stop once every sample's |h_{t+1} - h_t| / |h_{t+1}| < TOL
     _C.MAX_STEPS = 100  # iterate/anderson: cap on cell evaluations (training and inference)
     _C.ANDERSON_M = 5  # Anderson history: residuals kept for the least-squares extrapolation
@@ -114,6 +115,11 @@ def validate_recurrent_config(cfg: CN) -> None:
     _require_choice("MODEL.RECURRENT.NORM", rc.NORM, NORMS)
     _require_choice("MODEL.RECURRENT.GATE", rc.GATE, GATES)
     _require_choice("MODEL.RECURRENT.SOLVER", rc.SOLVER, SOLVERS)
+    if rc.TEST_SOLVER not in ("", *SOLVERS):
+        raise ValueError(
+            f"MODEL.RECURRENT.TEST_SOLVER={rc.TEST_SOLVER!r} is not valid; allowed values: '' (reuse "
+            f"MODEL.RECURRENT.SOLVER), {', '.join(SOLVERS)}."
+        )
     _require_choice("MODEL.RECURRENT.BACKWARD_SOLVER", rc.BACKWARD_SOLVER, BACKWARD_SOLVERS)
     if rc.SOLVER == "anderson" and rc.GRAD in ("bptt", "cbptt"):
         raise ValueError(

@@ -213,6 +213,22 @@ def test_bptt_iterate_stops_on_tolerance_and_equals_fixed_bptt_of_that_length():
         RecurrentDynamics(cell, steps=3, grad="bptt", solver="anderson").train()(x)
 
 
+def test_test_solver_switches_inference_only():
+    """Trained with Anderson, inferred with a fixed TEST_STEPS: equal to that many plain steps; training unchanged."""
+    cell, x = tiny_hgru("gn", scale=0.5), _drive(batch=2, size=4)
+    plain = RecurrentDynamics(cell, steps=7, grad="crbp").eval()
+    mixed = RecurrentDynamics(
+        cell, steps=3, grad="crbp", solver="anderson", tol=1e-6, max_steps=50, test_solver="fixed", test_steps=7
+    )
+    want, _ = plain(x)
+    got, aux = mixed.eval()(x)
+    assert torch.equal(got, want) and aux["steps"] == 7 and aux["solver"] == "fixed"
+    _, aux = mixed.train()(x)
+    assert aux["solver"] == "anderson" and aux["steps"] != 3
+    with pytest.raises(ValueError, match="inference solver 'newton'.*None \\(reuse solver\\), fixed, iterate, anderson"):
+        RecurrentDynamics(cell, steps=3, test_solver="newton")
+
+
 def test_anderson_mixer_falls_back_to_plain_steps_on_degenerate_history():
     mixer = AndersonMixer(m=3)
     x = torch.zeros(2, 4)
@@ -250,14 +266,17 @@ def test_config_keys_are_validated_and_reach_the_dynamics():
         ["MODEL.RECURRENT.SOLVER", "anderson", "MODEL.RECURRENT.TOL", 1e-5, "MODEL.RECURRENT.MAX_STEPS", 60,
          "MODEL.RECURRENT.ANDERSON_M", 4, "MODEL.RECURRENT.BACKWARD_SOLVER", "anderson",
          "MODEL.RECURRENT.BACKWARD_TOL", 1e-6, "MODEL.RECURRENT.BACKWARD_MAX_STEPS", 30,
-         "MODEL.RECURRENT.CHANNELS", 2, "MODEL.RECURRENT.KERNEL_SIZE", 3]
+         "MODEL.RECURRENT.CHANNELS", 2, "MODEL.RECURRENT.KERNEL_SIZE", 3, "MODEL.RECURRENT.TEST_SOLVER", "fixed"]
     )
     dyn = build_recurrent_dynamics(cfg)
     got = (dyn.solver, dyn.tol, dyn.max_steps, dyn.anderson_m, dyn.backward_solver, dyn.backward_tol,
-           dyn.backward_max_steps)
-    assert got == ("anderson", 1e-5, 60, 4, "anderson", 1e-6, 30)
+           dyn.backward_max_steps, dyn.test_solver)
+    assert got == ("anderson", 1e-5, 60, 4, "anderson", 1e-6, 30, "fixed")
+    cfg.MODEL.RECURRENT.TEST_SOLVER = ""
+    assert build_recurrent_dynamics(cfg).inference_solver == "anderson"
     bad = {
         "SOLVER": ("broyden", "fixed, iterate, anderson"),
+        "TEST_SOLVER": ("newton", "'' \\(reuse MODEL.RECURRENT.SOLVER\\), fixed, iterate, anderson"),
         "BACKWARD_SOLVER": ("cg", "neumann, anderson"),
         "TOL": (0.0, "a number > 0"),
         "MAX_STEPS": (0, "an integer >= 1"),

@@ -125,3 +125,28 @@ def test_every_pathfinder_config_loads():
         if os.sep + "cpu" + os.sep in path:  # paper-scale models are large; build the CPU ones
             model = Trainer.build_model(cfg)
             assert model.readout[1].out_channels == 2
+
+
+def test_benchmark_pathfinder_trains_then_eval_only_rescores_with_new_test_settings(tiny_pathfinder, tmp_path):
+    """The benchmark keeps a finished method's row; --eval-only changes only its test pass and scores."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_pf", os.path.join(REPO, "tools", "benchmark_pathfinder.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
+            "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2",
+            "MODEL.RECURRENT.MAX_STEPS", "4"]
+    common = ["--iters", "2", "--train-set", tiny_pathfinder, "--test-sets", tiny_pathfinder, "--threads", "1",
+              "--methods", "C-RBP", "--output-dir", str(tmp_path)]
+    (trained,) = bench.main(common + opts + ["MODEL.RECURRENT.TEST_STEPS", "2"])
+    assert trained["inference"] == "fixed, 2 steps" and trained["generalisation"] == {"4": trained["iou"]}
+    assert trained["saved_bytes"] > 0 and trained["solver"] == "anderson"
+    (rescored,) = bench.main(common + ["--eval-only"] + opts + ["MODEL.RECURRENT.TEST_SOLVER", "iterate"])
+    assert rescored["inference"] == "iterate, tol 0.001, <= 4 steps"
+    kept = ("saved_bytes", "sec_per_iter", "mean_steps", "checkpoint")
+    assert {k: rescored[k] for k in kept} == {k: trained[k] for k in kept}
+    summary = json.loads((tmp_path / "benchmark_pathfinder.json").read_text())
+    assert summary["rows"] == [rescored]
+    with pytest.raises(FileNotFoundError, match="BPTT has no finished run.*drop --eval-only"):
+        bench.main(common[:-4] + ["--methods", "BPTT", "--output-dir", str(tmp_path), "--eval-only"] + opts)

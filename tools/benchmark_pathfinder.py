@@ -9,7 +9,8 @@ BPTT and C-RBP models, trained on the short contours, on longer ones (generalisa
 
 Writes ``<output-dir>/benchmark_pathfinder.json`` and ``.png``; ``--copy-to-docs`` also copies
 the PNG to ``docs/figures/``. Each method's result is kept in ``<output-dir>/<method>/row.json``:
-a re-run (say, after an interruption) trains only the methods without one (``--rerun`` retrains).
+a re-run (say, after an interruption) trains only the methods without one (``--rerun`` retrains;
+``--eval-only`` scores the saved checkpoints again with the configs' current test-time settings).
 ``--jobs 2`` trains two methods at a time in child processes with one thread each, which on a
 2-core machine halves the wall time (one thread per process is as fast here as two). Example
 (README, "Pathfinder")::
@@ -28,8 +29,9 @@ import sys
 import time
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 import rfpn  # noqa: F401  (registers datasets and models)
@@ -66,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="methods trained at once, each in a child process with --threads // --jobs threads")
     p.add_argument("--rerun", action="store_true", help="retrain methods that already have a row.json")
+    p.add_argument("--eval-only", action="store_true",
+                   help="score the named methods' saved checkpoints again with their current config (test-time "
+                        "settings such as TEST_SOLVER / TEST_STEPS), keeping the training measurements")
     p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
     p.add_argument("--output-dir", default=os.path.join("output", "benchmark_pathfinder"))
     p.add_argument("--copy-to-docs", action="store_true", help="copy the PNG to docs/figures/")
@@ -152,21 +157,58 @@ def run_method(name: str, args, out_root: str) -> dict:
         "mean_steps": trainer.storage.history(steps_key).avg(max(1, args.iters // 5)) if steps_key else None,
         "iters": args.iters,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
-        "iou": results["pathfinder"]["IoU"],
         "saved_bytes": memory,
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(out, "model_final.pth"),
-        "generalisation": {},
     }
-    if name in GENERALISATION_METHODS:
-        for test_set in args.test_sets:
-            if test_set == train_set:  # the training run's own evaluation
-                row["generalisation"][str(contour_length_of(test_set))] = row["iou"]
-                continue
-            test_cfg = method_cfg(METHODS[name], train_set, test_set, args.iters, out, args.opts)
-            res = Trainer.test(test_cfg, trainer.model)
-            row["generalisation"][str(contour_length_of(test_set))] = res["pathfinder"]["IoU"]
+    row.update(evaluation(name, args, out, trainer.model, results["pathfinder"]["IoU"]))
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
+    save_row(out_root, row)
+    return row
+
+
+def evaluation(name: str, args, out: str, model: torch.nn.Module, iou: float | None = None) -> dict:
+    """Test IoU on the training length and, for the generalisation methods, on the longer test sets.
+
+    Inference follows the method's config (``TEST_SOLVER`` / ``TEST_STEPS``) with ``args.opts``;
+    ``iou`` is the training run's own evaluation on the training length, when there is one.
+    """
+    def test_iou(test_set: str) -> float:
+        cfg = method_cfg(METHODS[name], args.train_set, test_set, args.iters, out, args.opts)
+        return Trainer.test(cfg, model)["pathfinder"]["IoU"]
+
+    iou = test_iou(args.train_set) if iou is None else iou
+    lengths = args.test_sets if name in GENERALISATION_METHODS else []
+    generalisation = {
+        str(contour_length_of(t)): iou if t == args.train_set else test_iou(t) for t in lengths
+    }
+    return {"iou": iou, "generalisation": generalisation, "inference": inference_description(name, args, out)}
+
+
+def inference_description(name: str, args, out: str) -> str:
+    """How the method's test pass runs, e.g. ``fixed, 60 steps`` or ``anderson, tol 0.001, <= 40``."""
+    cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, out, args.opts)
+    if cfg.MODEL.PATHFINDER.CORE != "recurrent":
+        return f"{cfg.MODEL.PATHFINDER.FF_LAYERS} layers"
+    rc = cfg.MODEL.RECURRENT
+    solver = rc.TEST_SOLVER or rc.SOLVER
+    if solver == "fixed":
+        return f"fixed, {rc.TEST_STEPS or rc.STEPS} steps"
+    return f"{solver}, tol {rc.TOL:g}, <= {rc.MAX_STEPS} steps"
+
+
+def reevaluate(name: str, args, out_root: str) -> dict:
+    """Score a finished method's checkpoint again with the current config; training numbers are kept."""
+    row = load_row(out_root, name)
+    if row is None or not os.path.isfile(row["checkpoint"]):
+        raise FileNotFoundError(
+            f"{name} has no finished run in {method_dir(out_root, name)}; train it first (drop --eval-only)."
+        )
+    cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, method_dir(out_root, name), args.opts)
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(row["checkpoint"])
+    row.update(evaluation(name, args, method_dir(out_root, name), model))
+    logger.info(f"{name} re-evaluated: {json.dumps({k: row[k] for k in ('iou', 'generalisation', 'inference')})}")
     save_row(out_root, row)
     return row
 
@@ -227,14 +269,19 @@ def main(argv=None) -> list[dict]:
         match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
         if args.prepare and match:
             prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1)])
-        register_pathfinder(name)
+            register_pathfinder(name)  # again, with the metadata of the set on disk
+        elif f"{name}_test" not in DatasetCatalog.list():
+            register_pathfinder(name)
     todo = [n for n in args.methods if args.rerun or load_row(args.output_dir, n) is None]
-    if todo and args.jobs > 1:
+    if args.eval_only:
+        for name in args.methods:
+            reevaluate(name, args, args.output_dir)
+    elif todo and args.jobs > 1:
         run_child_jobs([child_job(n, args) for n in todo], args.jobs)
     else:
         for name in todo:
             run_method(name, args, args.output_dir)
-    rows = [load_row(args.output_dir, n) for n in METHODS if n in args.methods]
+    rows = [row for row in (load_row(args.output_dir, n) for n in METHODS) if row is not None]  # all finished
     if args.row_only:
         return rows
     json_path = os.path.join(args.output_dir, "benchmark_pathfinder.json")
@@ -244,15 +291,15 @@ def main(argv=None) -> list[dict]:
     if args.copy_to_docs:
         os.makedirs(os.path.join(REPO, "docs", "figures"), exist_ok=True)
         shutil.copy(png_path, os.path.join(REPO, "docs", "figures", "benchmark_pathfinder.png"))
-    header = "| method | config | steps (max) | steps used | IoU | MiB saved for backward | s / iter | " + " | ".join(
+    header = "| method | config | steps (max) | steps used | test pass | IoU | MiB saved for backward | s / iter | " + " | ".join(
         f"IoU on {n}" for n in args.test_sets
     ) + " |"
     print(header)
-    print("|" + "---|" * (7 + len(args.test_sets)))
+    print("|" + "---|" * (8 + len(args.test_sets)))
     for r in rows:
         gen = " | ".join(f"{v:.3f}" for v in r["generalisation"].values()) if r["generalisation"] else " | ".join("-" * len(args.test_sets))
         print(
-            f"| {r['method']} | `{r['config']}` | {r['steps']} | {_steps_used(r)} | {r['iou']:.3f} | {r['saved_bytes'] / 2**20:.1f} | "
+            f"| {r['method']} | `{r['config']}` | {r['steps']} | {_steps_used(r)} | {r.get('inference', '-')} | {r['iou']:.3f} | {r['saved_bytes'] / 2**20:.1f} | "
             f"{r['sec_per_iter']:.2f} | {gen} |"
         )
     print(f"Wrote {json_path} and {png_path}")

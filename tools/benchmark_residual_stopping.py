@@ -86,12 +86,12 @@ def load_model(config: str, weights: str, opts: list[str]):
 @contextmanager
 def plain_iteration(core: torch.nn.Module) -> Iterator[None]:
     """Temporarily make ``core`` stop by plain iteration (same ``tol`` and cap) instead of its own solver."""
-    saved = core.solver
-    core.solver = "iterate"
+    saved = core.solver, core.test_solver
+    core.solver, core.test_solver = "iterate", None
     try:
         yield
     finally:
-        core.solver = saved
+        core.solver, core.test_solver = saved
 
 
 def per_image_counts(logits: torch.Tensor, labels: torch.Tensor, ignore_label: int = 255) -> np.ndarray:
@@ -113,7 +113,7 @@ def evaluate_model(model: torch.nn.Module, images: list[dict], steps: int, batch
     from rfpn.analysis import fixed_solver
 
     core = model.core
-    fixed = core.solver == "fixed"
+    fixed = core.inference_solver == "fixed"
     cap = (core.test_steps or core.steps) if fixed else core.max_steps
     horizon = max(steps, 2 * cap)
     deployed, stops, evals, traj, change = [], [], [], [], []

@@ -30,14 +30,14 @@ def fixed_solver(dynamics: nn.Module, steps: int | None = None) -> Iterator[nn.M
         )
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}.")
-    saved = dynamics.solver, dynamics.eps, dynamics.test_steps
-    dynamics.solver, dynamics.eps = "fixed", 0.0
+    saved = dynamics.solver, dynamics.test_solver, dynamics.eps, dynamics.test_steps
+    dynamics.solver, dynamics.test_solver, dynamics.eps = "fixed", None, 0.0
     if steps is not None:
         dynamics.test_steps = steps
     try:
         yield dynamics
     finally:
-        dynamics.solver, dynamics.eps, dynamics.test_steps = saved
+        dynamics.solver, dynamics.test_solver, dynamics.eps, dynamics.test_steps = saved
 
 
 @torch.no_grad()

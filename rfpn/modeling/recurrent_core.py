@@ -30,6 +30,7 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
         neumann_norm_cap=rc.NEUMANN_NORM_CAP,
         neumann_tol=rc.NEUMANN_TOL,
         solver=rc.SOLVER,
+        test_solver=rc.TEST_SOLVER or None,
         tol=rc.TOL,
         max_steps=rc.MAX_STEPS,
         anderson_m=rc.ANDERSON_M,

@@ -21,6 +21,10 @@ Forward solvers (``solver``, see :mod:`rfpn.recurrent.solvers`):
   rule (memory grows with the steps run); they refuse ``anderson``, whose least-squares
   extrapolation is not a recurrence to back-propagate through.
 
+``test_solver`` picks a different solver for inference (``None`` reuses ``solver``): a model
+trained with a residual-stopped solver can run a fixed ``test_steps`` at test time, further
+towards its fixed point than the training tolerance reaches.
+
 The implicit backward solves ``(I - J^T) u = g`` with the truncated Neumann series
 (``backward_solver="neumann"``) or with Anderson-accelerated iteration to a relative
 tolerance (``"anderson"``, see :func:`rfpn.recurrent.gradients.anderson_adjoint_solve`).
@@ -81,12 +85,17 @@ class RecurrentDynamics(nn.Module):
         backward_solver: str = "neumann",
         backward_tol: float = 1e-5,
         backward_max_steps: int = 50,
+        test_solver: str | None = None,
     ):
         super().__init__()
         if grad not in GRADS:
             raise ValueError(f"Unknown gradient method {grad!r}; allowed values: {', '.join(GRADS)}.")
         if solver not in SOLVERS:
             raise ValueError(f"Unknown forward solver {solver!r}; allowed values: {', '.join(SOLVERS)}.")
+        if test_solver is not None and test_solver not in SOLVERS:
+            raise ValueError(
+                f"Unknown inference solver {test_solver!r}; allowed values: None (reuse solver), {', '.join(SOLVERS)}."
+            )
         if backward_solver not in BACKWARD_SOLVERS:
             raise ValueError(
                 f"Unknown backward solver {backward_solver!r}; allowed values: {', '.join(BACKWARD_SOLVERS)}."
@@ -116,6 +125,7 @@ class RecurrentDynamics(nn.Module):
         self.neumann_norm_cap = neumann_norm_cap
         self.neumann_tol = neumann_tol
         self.solver = solver
+        self.test_solver = test_solver
         self.tol = tol
         self.max_steps = max_steps
         self.anderson_m = anderson_m
@@ -127,6 +137,11 @@ class RecurrentDynamics(nn.Module):
     @property
     def uses_lcp(self) -> bool:
         return self.grad in ("cbptt", "crbp")
+
+    @property
+    def inference_solver(self) -> str:
+        """The solver of an inference pass: ``test_solver`` when set, else the training ``solver``."""
+        return self.test_solver or self.solver
 
     def forward(
         self,
@@ -164,13 +179,24 @@ class RecurrentDynamics(nn.Module):
                     )
                 return self._run_bptt(x, state, n, return_states, tol)
             return self._run_rbp(x, state, n, return_states, tol)
-        if fixed:
+        solver = self.inference_solver
+        if solver == "fixed":
             n = steps if steps is not None else (self.test_steps or self.steps)
             return self._run_inference(x, state, n, self.eps if eps is None else eps, return_states, tol)
-        return self._run_solver_inference(x, state, self.max_steps if steps is None else steps, return_states, tol)
+        cap = self.max_steps if steps is None else steps
+        return self._run_solver_inference(x, state, cap, return_states, tol, solver)
 
     def _aux(
-        self, penalty, steps, residual_per_sample, relative_per_sample, states, tol, stop="fixed", per_sample=None
+        self,
+        penalty,
+        steps,
+        residual_per_sample,
+        relative_per_sample,
+        states,
+        tol,
+        stop="fixed",
+        per_sample=None,
+        solver=None,
     ) -> dict[str, Any]:
         batch = residual_per_sample.shape[0]
         aux: dict[str, Any] = {
@@ -182,7 +208,7 @@ class RecurrentDynamics(nn.Module):
             "relative_residual": float(relative_per_sample.mean()),
             "relative_residual_per_sample": relative_per_sample,
             "converged": relative_per_sample < tol,
-            "solver": self.solver,
+            "solver": solver or self.solver,
             "solver_stop": stop,
             "neumann_stats": self.neumann_stats,
         }
@@ -190,11 +216,11 @@ class RecurrentDynamics(nn.Module):
             aux["states"] = states
         return aux
 
-    def _solve(self, x, state, cap, tol, states) -> SolverResult:
+    def _solve(self, x, state, cap, tol, states, solver=None) -> SolverResult:
         return solve_fixed_point(
             lambda h: self.cell(x, h),
             state,
-            self.solver,
+            solver or self.solver,
             tol,
             cap,
             anderson_m=self.anderson_m,
@@ -257,9 +283,9 @@ class RecurrentDynamics(nn.Module):
         return self.cell.readout(task_out), aux
 
     @torch.no_grad()
-    def _run_solver_inference(self, x, state, cap, return_states, tol):
+    def _run_solver_inference(self, x, state, cap, return_states, tol, solver):
         states: list | None = [] if return_states else None
-        result = self._solve(x, state, cap, tol, states)
+        result = self._solve(x, state, cap, tol, states, solver)
         aux = self._aux(
             x.new_zeros(()),
             result.evals,
@@ -269,6 +295,7 @@ class RecurrentDynamics(nn.Module):
             tol,
             result.stop_reason,
             result.steps_per_sample,
+            solver,
         )
         return self.cell.readout(result.image), aux
 
@@ -296,5 +323,5 @@ class RecurrentDynamics(nn.Module):
             self._record(states, state)
             if eps > 0 and bool(done.all()):
                 break
-        aux = self._aux(x.new_zeros(()), t, residual, relative, states, tol, per_sample=steps_per_sample)
+        aux = self._aux(x.new_zeros(()), t, residual, relative, states, tol, per_sample=steps_per_sample, solver="fixed")
         return self.cell.readout(state), aux
