@@ -304,7 +304,12 @@ def load_previous(path: Path, args: argparse.Namespace) -> tuple[list[dict], lis
 
 
 def payload(args: argparse.Namespace, rows: list[dict], sweep: list[dict]) -> dict[str, Any]:
-    return {"args": {k: str(v) for k, v in vars(args).items()}, "models": rows, "memory_sweep": sweep}
+    return {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "models": rows,
+        "memory_sweep": sweep,
+        "pq_difference": paired_pq_difference(rows),
+    }
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -317,6 +322,25 @@ def summarise(rows: list[dict]) -> list[dict]:
         mean = {m: statistics.mean(r[m] for r in runs) if all(r[m] is not None for r in runs) else None for m in metrics}
         out.append({"key": key, "model": runs[0]["model"], "seeds": len(runs), "PQ_runs": [r["PQ"] for r in runs], **mean})
     return out
+
+
+def paired_pq_difference(rows: list[dict], model: str = "crbp20", baseline: str = "fpn") -> dict[str, Any] | None:
+    """PQ of ``model`` minus PQ of ``baseline`` over the seeds both ran: mean and a 95% t-interval.
+
+    The seed sets the initialisation and the data order of both runs, so the difference is paired
+    by seed; None with fewer than two common seeds.
+    """
+    from scipy import stats
+
+    pq = {(r["key"], r["seed"]): r["PQ"] for r in rows}
+    seeds = sorted(seed for key, seed in pq if key == model and (baseline, seed) in pq)
+    if len(seeds) < 2:
+        return None
+    diffs = [pq[(model, s)] - pq[(baseline, s)] for s in seeds]
+    mean, sem = statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    half = float(stats.t.ppf(0.975, len(diffs) - 1)) * sem
+    return {"model": model, "baseline": baseline, "seeds": seeds, "differences": diffs, "mean": mean,
+            "ci95": [mean - half, mean + half]}
 
 
 def format_table(rows: list[dict], sweep: list[dict]) -> str:
@@ -333,6 +357,12 @@ def format_table(rows: list[dict], sweep: list[dict]) -> str:
                 f"| {r['model']} | {r['PQ']:.1f} | {per_seed} | {r['SQ']:.1f} | {r['RQ']:.1f} | {r['PQ_th']:.1f} "
                 f"| {r['PQ_st']:.1f} | {fmt(r['mask_AP'])} | {fmt(r['mIoU'])} | {r['sec_per_iter']:.2f} "
                 f"| {r['mask_head_bytes_per_roi'] / 1024:.0f} |"
+            )
+        diff = paired_pq_difference(rows)
+        if diff is not None:
+            lines.append(
+                f"\nPQ of R-FPN C-RBP-20 minus Panoptic FPN, paired by seed ({len(diff['seeds'])} seeds): "
+                f"{diff['mean']:+.2f} (95% CI {diff['ci95'][0]:+.2f} to {diff['ci95'][1]:+.2f})"
             )
     if sweep:
         steps = sorted({r["steps"] for r in sweep})
