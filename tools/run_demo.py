@@ -2,8 +2,9 @@
 """The README's main job (``make demo``): Pathfinder with a C-RBP hGRU on 2 CPU cores, within 15 minutes.
 
 1. Generates the CPU-scale Pathfinder set ``pathfinder_cpu9`` once (kept when it already exists).
-2. Times a few training iterations on this machine and fits the schedule (iterations, learning-rate
-   drop, checkpoints) into the time budget, so the whole run stays under ``--minutes``.
+2. Times a few training iterations and one test batch on this machine and fits the schedule
+   (iterations, learning-rate drop, checkpoints) into the time budget, so the whole run, evaluation
+   included, stays under ``--minutes``.
 3. Trains with rfpn's Detectron2 Trainer (the log shows losses, the fixed-point residual and an ETA),
    evaluates the pooled contour IoU on the test set, and prints where the checkpoint and the
    TensorBoard events are.
@@ -63,15 +64,25 @@ def build_cfg(args: argparse.Namespace, dataset: str) -> CfgNode:
 RESIDUAL_STOPPED_SLOWDOWN = 1.4
 
 
-def planning_seconds_per_iteration(cfg: CfgNode) -> float:
-    """Seconds per training iteration to plan the schedule with (see RESIDUAL_STOPPED_SLOWDOWN)."""
-    first = seconds_per_iteration(cfg)
-    return first if cfg.MODEL.RECURRENT.SOLVER == "fixed" else first * RESIDUAL_STOPPED_SLOWDOWN
+def planning_seconds(cfg: CfgNode) -> tuple[float, float]:
+    """Seconds per training iteration and per test image to plan the schedule with.
 
-
-def seconds_per_iteration(cfg: CfgNode, iterations: int = 5) -> float:
-    """Median wall time of a training iteration of a throwaway copy of the model on real batches."""
+    Both are timed on a throwaway copy of the model. A residual-stopped pass (SOLVER or TEST_SOLVER
+    iterate/anderson) is scaled by RESIDUAL_STOPPED_SLOWDOWN, since it needs more steps once trained.
+    """
     model = Trainer.build_model(cfg)
+    train = seconds_per_iteration(cfg, model)
+    test = seconds_per_test_image(cfg, model)
+    rc = cfg.MODEL.RECURRENT
+    if rc.SOLVER != "fixed":
+        train *= RESIDUAL_STOPPED_SLOWDOWN
+    if (rc.TEST_SOLVER or rc.SOLVER) != "fixed":
+        test *= RESIDUAL_STOPPED_SLOWDOWN
+    return train, test
+
+
+def seconds_per_iteration(cfg: CfgNode, model: torch.nn.Module, iterations: int = 5) -> float:
+    """Median wall time of a training iteration of ``model`` on real batches (it is trained a little)."""
     optimizer = Trainer.build_optimizer(cfg, model)
     loader = iter(Trainer.build_train_loader(cfg))
     times = []
@@ -85,6 +96,18 @@ def seconds_per_iteration(cfg: CfgNode, iterations: int = 5) -> float:
         times.append(time.perf_counter() - start)
     del loader
     return sorted(times[1:])[len(times[1:]) // 2]
+
+
+@torch.no_grad()
+def seconds_per_test_image(cfg: CfgNode, model: torch.nn.Module) -> float:
+    """Wall time per image of ``model``'s test pass, on one test batch (TEST.IMS_PER_BATCH images)."""
+    batch = next(iter(Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])))
+    model.eval()
+    start = time.perf_counter()
+    model(batch)
+    elapsed = time.perf_counter() - start
+    model.train()
+    return elapsed / len(batch)
 
 
 def steps_description(cfg: CfgNode) -> str:
@@ -135,10 +158,10 @@ def main(argv=None) -> dict:
 
     logger.info("Step 2/3: timing a few training iterations to fit the schedule into the budget")
     cfg.freeze()
-    sec_per_iter = planning_seconds_per_iteration(cfg)
-    # Inference runs TEST_STEPS forward steps without a backward: a few iterations' worth per batch.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)  # time the initialisation that will be trained
+    sec_per_iter, sec_per_test_image = planning_seconds(cfg)
     num_test = len(Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0]).dataset)
-    eval_seconds = sec_per_iter * num_test / cfg.SOLVER.IMS_PER_BATCH * 0.5 + 10
+    eval_seconds = sec_per_test_image * num_test * 1.1 + 10  # 10% and 10 s for loading and the evaluator
     cfg = fit_schedule(cfg, budget - (time.time() - start), sec_per_iter, eval_seconds)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
@@ -146,7 +169,8 @@ def main(argv=None) -> dict:
     logger.info(
         f"{sec_per_iter:.2f} s/iteration here: training {cfg.SOLVER.MAX_ITER} iterations of batch "
         f"{cfg.SOLVER.IMS_PER_BATCH} ({cfg.MODEL.RECURRENT.GRAD}, {steps_description(cfg)}), "
-        f"then evaluating {num_test} test images; config: {os.path.join(cfg.OUTPUT_DIR, 'config.yaml')}"
+        f"then evaluating {num_test} test images (about {eval_seconds / 60:.1f} minutes); "
+        f"config: {os.path.join(cfg.OUTPUT_DIR, 'config.yaml')}"
     )
 
     logger.info("Step 3/3: training and evaluation")
