@@ -161,33 +161,35 @@ def run_method(name: str, args, out_root: str) -> dict:
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(out, "model_final.pth"),
     }
-    row.update(evaluation(name, args, out, trainer.model, results["pathfinder"]["IoU"]))
+    row.update(evaluation(name, args, cfg, trainer.model, results["pathfinder"]["IoU"]))
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
     save_row(out_root, row)
     return row
 
 
-def evaluation(name: str, args, out: str, model: torch.nn.Module, iou: float | None = None) -> dict:
+def evaluation(name: str, args, cfg: CfgNode, model: torch.nn.Module, iou: float | None = None) -> dict:
     """Test IoU on the training length and, for the generalisation methods, on the longer test sets.
 
-    Inference follows the method's config (``TEST_SOLVER`` / ``TEST_STEPS``) with ``args.opts``;
-    ``iou`` is the training run's own evaluation on the training length, when there is one.
+    Inference follows ``cfg`` (the method's config as loaded for training, so a config file edited
+    while a long run trains cannot change or break its evaluation); ``iou`` is the training run's
+    own evaluation on the training length, when there is one.
     """
     def test_iou(test_set: str) -> float:
-        cfg = method_cfg(METHODS[name], args.train_set, test_set, args.iters, out, args.opts)
-        return Trainer.test(cfg, model)["pathfinder"]["IoU"]
+        test_cfg = cfg.clone()
+        test_cfg.defrost()
+        test_cfg.DATASETS.TEST = (f"{test_set}_test",)
+        return Trainer.test(test_cfg, model)["pathfinder"]["IoU"]
 
     iou = test_iou(args.train_set) if iou is None else iou
     lengths = args.test_sets if name in GENERALISATION_METHODS else []
     generalisation = {
         str(contour_length_of(t)): iou if t == args.train_set else test_iou(t) for t in lengths
     }
-    return {"iou": iou, "generalisation": generalisation, "inference": inference_description(name, args, out)}
+    return {"iou": iou, "generalisation": generalisation, "inference": inference_description(cfg)}
 
 
-def inference_description(name: str, args, out: str) -> str:
-    """How the method's test pass runs, e.g. ``fixed, 60 steps`` or ``anderson, tol 0.001, <= 40``."""
-    cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, out, args.opts)
+def inference_description(cfg: CfgNode) -> str:
+    """How a method's test pass runs, e.g. ``fixed, 60 steps`` or ``anderson, tol 0.001, <= 40 steps``."""
     if cfg.MODEL.PATHFINDER.CORE != "recurrent":
         return f"{cfg.MODEL.PATHFINDER.FF_LAYERS} layers"
     rc = cfg.MODEL.RECURRENT
@@ -207,7 +209,7 @@ def reevaluate(name: str, args, out_root: str) -> dict:
     cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, method_dir(out_root, name), args.opts)
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(row["checkpoint"])
-    row.update(evaluation(name, args, method_dir(out_root, name), model))
+    row.update(evaluation(name, args, cfg, model))
     logger.info(f"{name} re-evaluated: {json.dumps({k: row[k] for k in ('iou', 'generalisation', 'inference')})}")
     save_row(out_root, row)
     return row
