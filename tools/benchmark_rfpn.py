@@ -12,7 +12,7 @@ for several step counts under BPTT and C-RBP. Writes ``benchmark_rfpn.json`` and
 
     .venv/bin/python tools/benchmark_rfpn.py --seeds 0 1 2          # all five models, 100 iterations each
     .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --iters 20 --output-dir output/quick
-    .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --seeds 0 1 2 3 4 --iters 300 --jobs 2 \
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
         --output-dir output/benchmark_rfpn_300
 
 The dataset is generated under ``--data-root`` on first use (datasets/prepare_synthetic_panoptic.py
