@@ -7,9 +7,12 @@ the allowed values.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 from detectron2.config import CfgNode as CN
 
-from rfpn.recurrent import BACKWARD_SOLVERS, GATES, GRADS, NORMS, SOLVERS
+from rfpn.recurrent import GATES, NORMS, BackwardOptions, ForwardOptions, PenaltyOptions, validate_settings
+from rfpn.recurrent.options import config_names
 
 CELLS = ("hgru", "convlstm")
 NONFINITE_MODES = ("raise", "skip")
@@ -28,12 +31,20 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.GATE = "conv"  # hGRU gain gate: "conv" (1x1 conv) or "gala" (global x local attention)
     _C.STEPS = 8  # training steps N
     _C.TEST_STEPS = 0  # inference steps; 0 reuses STEPS (may exceed STEPS)
-    _C.GRAD = "crbp"  # gradient method: "bptt", "cbptt", "rbp" or "crbp"
+    # gradient method: "bptt", "rbp" (implicit), "jfb" (Jacobian-free), "phantom" (phantom gradients), or any of
+    # them with a "c" prefix ("cbptt", "crbp", "cjfb", "cphantom"), which switches the LCP on
+    _C.GRAD = "crbp"
     _C.NEUMANN_STEPS = 15  # max terms of the Neumann series in the RBP backward
     _C.NEUMANN_NORM_CAP = 100.0  # stop the Neumann sum when |u| would pass this multiple of |g|
     _C.NEUMANN_TOL = 0.0  # stop the Neumann sum once a term is below this fraction of |g|
     _C.LCP_LAMBDA = 0.9  # contraction target lambda of the LCP, in [0, 1)
-    _C.LCP_WEIGHT = 10.0  # weight xi of the LCP in the loss (used by cbptt / crbp only)
+    _C.LCP_WEIGHT = 10.0  # weight xi of the penalty in the loss (the starting value with LCP_WEIGHT_AUTO)
+    _C.LCP_WEIGHT_AUTO = False  # adapt xi by dual ascent so that max(1^T J) <= LCP_LAMBDA (needs the LCP)
+    _C.LCP_WEIGHT_RATE = 0.1  # LCP_WEIGHT_AUTO: largest change of log(xi) per iteration
+    _C.PENALTY = ""  # stability penalty: "" (the LCP for c-prefixed GRAD, none otherwise), "none", "lcp" or "jacobian"
+    _C.JACOBIAN_PROBES = 1  # PENALTY "jacobian": Gaussian probes of the Hutchinson estimate of ||J||_F^2
+    _C.PHANTOM_STEPS = 5  # GRAD phantom: damped steps k recorded with the graph (k = 1, tau = 1 is jfb)
+    _C.PHANTOM_TAU = 0.5  # GRAD phantom: damping tau of h <- tau * F(x, h) + (1 - tau) * h, in (0, 1]
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
     _C.SOLVER = "fixed"  # forward solver: "fixed" (STEPS / TEST_STEPS steps), "iterate" or "anderson" (stop on TOL)
     _C.TEST_SOLVER = ""  # inference solver: "" reuses SOLVER, or "fixed" (TEST_STEPS steps) / "iterate" / "anderson"
@@ -107,46 +118,53 @@ def validate_training_safety_config(cfg: CN) -> None:
     _require_choice("SOLVER.NONFINITE", cfg.SOLVER.NONFINITE, NONFINITE_MODES)
 
 
+@dataclass
+class RecurrentSettings:
+    """``MODEL.RECURRENT`` as the arguments of :class:`~rfpn.recurrent.RecurrentDynamics` (validated)."""
+
+    grad: str
+    steps: int
+    forward: ForwardOptions
+    backward: BackwardOptions
+    penalty: PenaltyOptions
+
+
+_RECURRENT = "MODEL.RECURRENT"
+
+
+def recurrent_settings(cfg: CN) -> RecurrentSettings:
+    """Map ``MODEL.RECURRENT`` to the option groups and validate them (errors name the config key)."""
+    rc = cfg.MODEL.RECURRENT
+    groups = [
+        cls(**{f.name: rc[f.metadata["key"]] for f in fields(cls)})
+        for cls in (ForwardOptions, BackwardOptions, PenaltyOptions)
+    ]
+    settings = RecurrentSettings(rc.GRAD, rc.STEPS, *groups)
+    validate_settings(
+        settings.grad,
+        settings.steps,
+        *groups,
+        naming=config_names(_RECURRENT),
+        grad_name=f"{_RECURRENT}.GRAD",
+        steps_name=f"{_RECURRENT}.STEPS",
+    )
+    return settings
+
+
 def validate_recurrent_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key and the allowed values for any bad setting."""
     rc = cfg.MODEL.RECURRENT
     _require_choice("MODEL.RECURRENT.CELL", rc.CELL, CELLS)
-    _require_choice("MODEL.RECURRENT.GRAD", rc.GRAD, GRADS)
     _require_choice("MODEL.RECURRENT.NORM", rc.NORM, NORMS)
     _require_choice("MODEL.RECURRENT.GATE", rc.GATE, GATES)
-    _require_choice("MODEL.RECURRENT.SOLVER", rc.SOLVER, SOLVERS)
-    if rc.TEST_SOLVER not in ("", *SOLVERS):
-        raise ValueError(
-            f"MODEL.RECURRENT.TEST_SOLVER={rc.TEST_SOLVER!r} is not valid; allowed values: '' (reuse "
-            f"MODEL.RECURRENT.SOLVER), {', '.join(SOLVERS)}."
-        )
-    _require_choice("MODEL.RECURRENT.BACKWARD_SOLVER", rc.BACKWARD_SOLVER, BACKWARD_SOLVERS)
-    if rc.SOLVER == "anderson" and rc.GRAD in ("bptt", "cbptt"):
-        raise ValueError(
-            f"MODEL.RECURRENT.SOLVER='anderson' cannot train with MODEL.RECURRENT.GRAD={rc.GRAD!r}; allowed "
-            "combinations: SOLVER 'anderson' with GRAD 'rbp'/'crbp', or SOLVER 'fixed'/'iterate' with any GRAD."
-        )
-    if not 0.0 <= rc.LCP_LAMBDA < 1.0:
-        raise ValueError(f"MODEL.RECURRENT.LCP_LAMBDA={rc.LCP_LAMBDA} is not valid; allowed values: [0, 1).")
     checks = {
-        "STEPS": (rc.STEPS >= 1, "an integer >= 1"),
-        "TEST_STEPS": (rc.TEST_STEPS >= 0, "0 (reuse STEPS) or an integer >= 1"),
         "CHANNELS": (rc.CHANNELS >= 1, "an integer >= 1"),
         "KERNEL_SIZE": (rc.KERNEL_SIZE >= 1 and rc.KERNEL_SIZE % 2 == 1, "an odd integer >= 1"),
-        "NEUMANN_STEPS": (rc.NEUMANN_STEPS >= 0, "an integer >= 0"),
-        "NEUMANN_NORM_CAP": (rc.NEUMANN_NORM_CAP > 0, "a number > 0"),
-        "NEUMANN_TOL": (rc.NEUMANN_TOL >= 0, "a number >= 0"),
-        "LCP_WEIGHT": (rc.LCP_WEIGHT >= 0, "a number >= 0"),
-        "EPS": (rc.EPS >= 0, "a number >= 0"),
-        "TOL": (rc.TOL > 0, "a number > 0"),
-        "MAX_STEPS": (rc.MAX_STEPS >= 1, "an integer >= 1"),
-        "ANDERSON_M": (rc.ANDERSON_M >= 1, "an integer >= 1"),
-        "BACKWARD_TOL": (rc.BACKWARD_TOL > 0, "a number > 0"),
-        "BACKWARD_MAX_STEPS": (rc.BACKWARD_MAX_STEPS >= 1, "an integer >= 1"),
     }
     for key, (ok, allowed) in checks.items():
         if not ok:
             raise ValueError(f"MODEL.RECURRENT.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")
+    recurrent_settings(cfg)
 
 
 def validate_pathfinder_config(cfg: CN) -> None:

@@ -1,4 +1,4 @@
-"""Divergence handling: NonFiniteGuardTrainer (raise / skip) and NeumannCapHook, on a tiny recurrent model."""
+"""Divergence handling: NonFiniteGuardTrainer (raise / skip) and BackwardCapHook, on a tiny recurrent model."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rfpn.engine.hooks import NeumannCapHook, find_dynamics
+from rfpn.engine.hooks import BackwardCapHook, find_dynamics
 from rfpn.engine.train_loop import NonFiniteGuardTrainer
 from rfpn.recurrent import HGRUCell, RecurrentDynamics
 
@@ -145,7 +145,7 @@ def test_bad_mode_is_rejected():
 def test_neumann_cap_hits_are_counted_in_the_event_log():
     # A norm cap of 1 stops every Neumann sum after its first term: each backward is a cap hit.
     trainer = _trainer({}, "raise", grad="rbp", norm_cap=1.0)
-    hook = NeumannCapHook()
+    hook = BackwardCapHook()
     trainer.register_hooks([hook])
     assert list(find_dynamics(trainer.model)) == ["dynamics"]
     with _Records("rfpn.engine.hooks") as records:
@@ -155,7 +155,7 @@ def test_neumann_cap_hits_are_counted_in_the_event_log():
     assert any("Iteration 0: the neumann backward of dynamics stopped on a safeguard (norm_cap" in m
                for m in records.messages)
     # Resumed runs keep counting from the checkpointed total.
-    resumed = NeumannCapHook()
+    resumed = BackwardCapHook()
     resumed.load_state_dict(hook.state_dict())
     trainer2 = _trainer({}, "raise", grad="rbp", norm_cap=1.0)
     trainer2.register_hooks([resumed])
@@ -165,7 +165,7 @@ def test_neumann_cap_hits_are_counted_in_the_event_log():
 
 def test_neumann_cap_hook_stays_silent_when_the_cap_is_not_reached():
     trainer = _trainer({}, "raise", grad="rbp", norm_cap=1e6)
-    trainer.register_hooks([NeumannCapHook()])
+    trainer.register_hooks([BackwardCapHook()])
     trainer.train(0, 2)
     counts = [int(v) for v, _ in trainer.storage.history("recurrent/neumann_cap_hits_total").values()]
     assert counts == [0, 0]

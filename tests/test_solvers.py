@@ -225,7 +225,7 @@ def test_test_solver_switches_inference_only():
     assert torch.equal(got, want) and aux["steps"] == 7 and aux["solver"] == "fixed"
     _, aux = mixed.train()(x)
     assert aux["solver"] == "anderson" and aux["steps"] != 3
-    with pytest.raises(ValueError, match="inference solver 'newton'.*None \\(reuse solver\\), fixed, iterate, anderson"):
+    with pytest.raises(ValueError, match="test_solver='newton'.*None \\(reuse the solver\\), fixed, iterate, anderson"):
         RecurrentDynamics(cell, steps=3, test_solver="newton")
 
 
@@ -276,7 +276,7 @@ def test_config_keys_are_validated_and_reach_the_dynamics():
     assert build_recurrent_dynamics(cfg).inference_solver == "anderson"
     bad = {
         "SOLVER": ("broyden", "fixed, iterate, anderson"),
-        "TEST_SOLVER": ("newton", "'' \\(reuse MODEL.RECURRENT.SOLVER\\), fixed, iterate, anderson"),
+        "TEST_SOLVER": ("newton", "'' or None \\(reuse the solver\\), fixed, iterate, anderson"),
         "BACKWARD_SOLVER": ("cg", "neumann, anderson"),
         "TOL": (0.0, "a number > 0"),
         "MAX_STEPS": (0, "an integer >= 1"),

@@ -10,7 +10,7 @@ Differences from ``DefaultTrainer`` (everything else, including ``--resume``, is
   ``AMPTrainer`` runs instead: its gradient scaler already skips non-finite steps);
 - checkpoints are written atomically (:class:`AtomicCheckpointer`), so a run killed at any moment
   resumes from its last complete checkpoint;
-- :class:`~rfpn.engine.hooks.NeumannCapHook` logs how often an implicit backward hit its norm cap;
+- :class:`~rfpn.engine.hooks.BackwardCapHook` logs how often an implicit backward hit its norm cap;
 - a multi-process run ends by checking that every rank holds the same weights.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from detectron2.utils.logger import setup_logger
 from rfpn.config import validate_training_safety_config
 
 from .ddp import check_replicas_in_sync, create_ddp_model
-from .hooks import NeumannCapHook, find_dynamics
+from .hooks import BackwardCapHook, find_dynamics
 from .train_loop import NonFiniteGuardTrainer
 
 __all__ = ["AtomicCheckpointer", "ResilientTrainer"]
@@ -112,13 +112,13 @@ class ResilientTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self) -> list[HookBase | None]:
-        """Detectron2's default hooks, with :class:`NeumannCapHook` first when the model has recurrent dynamics.
+        """Detectron2's default hooks, with :class:`BackwardCapHook` first when the model has recurrent dynamics.
 
         First, so that the checkpointer and the writers that follow see this step's count.
         """
         hooks = super().build_hooks()
         if find_dynamics(self.model):
-            hooks.insert(0, NeumannCapHook())
+            hooks.insert(0, BackwardCapHook())
         return hooks
 
     def train(self):

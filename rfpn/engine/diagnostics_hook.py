@@ -7,7 +7,7 @@ dynamics to the state C-RBP takes its gradient at, and writes under
 ``diagnostics/<module name>/``: ``spectral_norm`` (power-iteration ``||dF/dh||_2``; below 1 means
 locally contractive), ``lcp`` (the Lipschitz penalty's value there), ``max_column_sum`` of
 ``1^T J``, ``relative_residual`` (``|h_N - h_{N-1}| / |h_N|``: how far from a fixed point), and,
-for ``rbp``/``crbp``, ``neumann_terms`` and ``neumann_cap_hits`` of the iteration's backward.
+for the implicit methods (``rbp``/``crbp``), ``neumann_terms`` and ``neumann_cap_hits`` of the iteration's backward.
 TensorBoard shows them through Detectron2's usual writers. The numbers describe the weights
 after the iteration's optimizer step on that iteration's drive.
 """
@@ -84,9 +84,9 @@ class RecurrentDiagnosticsHook(HookBase):
                 f"diagnostics/{key}/{name}": diag[name]
                 for name in ("spectral_norm", "lcp", "max_column_sum", "relative_residual")
             }
-            if dyn.grad in ("rbp", "crbp"):
-                scalars[f"diagnostics/{key}/neumann_terms"] = dyn.neumann_stats.terms
-                scalars[f"diagnostics/{key}/neumann_cap_hits"] = dyn.neumann_stats.cap_hits
+            if dyn.method.implicit:
+                scalars[f"diagnostics/{key}/neumann_terms"] = dyn.backward_stats.terms
+                scalars[f"diagnostics/{key}/neumann_cap_hits"] = dyn.backward_stats.cap_hits
             storage.put_scalars(**scalars, smoothing_hint=False)
         self._drives.clear()
         storage.put_scalar("diagnostics/time", time.perf_counter() - start, smoothing_hint=False)

@@ -8,7 +8,7 @@ from detectron2.engine import HookBase
 
 from rfpn.recurrent import RecurrentDynamics
 
-__all__ = ["NeumannCapHook", "find_dynamics"]
+__all__ = ["BackwardCapHook", "find_dynamics"]
 
 logger = logging.getLogger(__name__)
 
@@ -18,13 +18,13 @@ def find_dynamics(model: torch.nn.Module) -> dict[str, RecurrentDynamics]:
     return {name: m for name, m in model.named_modules() if isinstance(m, RecurrentDynamics)}
 
 
-class NeumannCapHook(HookBase):
+class BackwardCapHook(HookBase):
     """Count the implicit backward solves that ended on a safeguard, in the event storage.
 
     An RBP / C-RBP backward stops its Neumann series (or Anderson solve) early when the running
     sum would pass ``MODEL.RECURRENT.NEUMANN_NORM_CAP`` times the incoming gradient, or turns
     non-finite; the gradient is then truncated. Each ``RecurrentDynamics`` counts those events in
-    ``neumann_stats.cap_hits``. After every step this hook writes the total over all dynamics
+    ``backward_stats.cap_hits``. After every step this hook writes the total over all dynamics
     modules as ``recurrent/neumann_cap_hits_total`` and logs a warning naming the iteration, the
     module and the stop reason whenever the count grows. The total is checkpointed, so it keeps
     counting across ``--resume``. In multi-process runs it counts this process's solves.
@@ -38,14 +38,14 @@ class NeumannCapHook(HookBase):
 
     def before_train(self) -> None:
         self._dynamics = find_dynamics(self.trainer.model)
-        self._start = {name: dyn.neumann_stats.cap_hits for name, dyn in self._dynamics.items()}
+        self._start = {name: dyn.backward_stats.cap_hits for name, dyn in self._dynamics.items()}
         self._seen = dict(self._start)
 
     def after_step(self) -> None:
         if not self._dynamics:
             return
         for name, dyn in self._dynamics.items():
-            stats = dyn.neumann_stats
+            stats = dyn.backward_stats
             if stats.cap_hits > self._seen[name]:
                 logger.warning(
                     f"Iteration {self.trainer.iter}: the {stats.solver} backward of {name or 'the model'} stopped on a "

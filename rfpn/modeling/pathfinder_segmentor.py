@@ -3,8 +3,8 @@
 The meta-architecture follows the paper's §2.1: a bank of 7x7 input filters whose outputs are
 squared (energy of oriented edges plus one centre-surround channel), the shared recurrent core
 (:func:`rfpn.modeling.build_recurrent_dynamics`: hGRU or convLSTM with any gradient method),
-and a readout of norm + 1x1 conv to two classes. Training returns ``loss_sem_seg`` and, for the
-LCP methods (cbptt / crbp), ``loss_lcp``; inference returns ``[{"sem_seg": (2, H, W)}]`` class
+and a readout of norm + 1x1 conv to two classes. Training returns ``loss_sem_seg`` and, with a
+stability penalty, ``loss_lcp`` (or ``loss_jacobian``); inference returns ``[{"sem_seg": (2, H, W)}]`` class
 probabilities as Detectron2's semantic-segmentation models do.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from rfpn.config import validate_pathfinder_config
 from rfpn.recurrent import RecurrentDynamics
 
 from .input_filters import gabor_dog_bank
-from .recurrent_core import build_recurrent_dynamics, log_recurrent_stats
+from .recurrent_core import build_recurrent_dynamics, log_recurrent_stats, penalty_losses
 
 __all__ = ["PathfinderSegmentor", "FeedForwardCore", "pixel_loss"]
 
@@ -111,7 +111,6 @@ class PathfinderSegmentor(nn.Module):
         focal_gamma: float = 2.0,
         fg_weight: float = 1.0,
         fg_prior: float = 0.01,
-        lcp_weight: float = 10.0,
         return_steps: bool = False,
         ignore_label: int = 255,
     ):
@@ -127,7 +126,6 @@ class PathfinderSegmentor(nn.Module):
         self.loss = loss
         self.focal_gamma = focal_gamma
         self.fg_weight = fg_weight
-        self.lcp_weight = lcp_weight
         self.return_steps = return_steps
         self.ignore_label = ignore_label
 
@@ -148,17 +146,12 @@ class PathfinderSegmentor(nn.Module):
             "focal_gamma": pf.FOCAL_GAMMA,
             "fg_weight": pf.FG_WEIGHT,
             "fg_prior": pf.FG_PRIOR,
-            "lcp_weight": rc.LCP_WEIGHT,
             "return_steps": pf.RETURN_STEPS,
         }
 
     @property
     def device(self) -> torch.device:
         return self.input_conv.weight.device
-
-    @property
-    def uses_lcp(self) -> bool:
-        return bool(getattr(self.core, "uses_lcp", False))
 
     def _images(self, batched_inputs: list[dict]) -> torch.Tensor:
         shapes = {tuple(d["image"].shape) for d in batched_inputs}
@@ -203,8 +196,7 @@ class PathfinderSegmentor(nn.Module):
                 logits, target, self.loss, self.focal_gamma, self.fg_weight, self.ignore_label
             )
         }
-        if self.uses_lcp:
-            losses["loss_lcp"] = self.lcp_weight * aux["penalty"]
         if isinstance(self.core, RecurrentDynamics):
-            log_recurrent_stats(aux, "recurrent", self.core.grad)
+            losses.update(penalty_losses(self.core, aux))
+            log_recurrent_stats(aux, "recurrent", self.core)
         return losses

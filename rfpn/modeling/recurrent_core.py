@@ -3,16 +3,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from detectron2.config import CfgNode
 from detectron2.utils.events import get_event_storage
 
-from rfpn.config import validate_recurrent_config
+from rfpn.config import recurrent_settings, validate_recurrent_config
 from rfpn.recurrent import ConvLSTMCell, HGRUCell, RecurrentDynamics
 
 
 def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> RecurrentDynamics:
     """Cell and dynamics as configured; ``channels`` overrides ``MODEL.RECURRENT.CHANNELS``."""
     validate_recurrent_config(cfg)
+    settings = recurrent_settings(cfg)
     rc = cfg.MODEL.RECURRENT
     channels = channels or rc.CHANNELS
     if rc.CELL == "hgru":
@@ -21,42 +24,43 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
         cell = ConvLSTMCell(channels, rc.KERNEL_SIZE)
     return RecurrentDynamics(
         cell,
-        steps=rc.STEPS,
-        grad=rc.GRAD,
-        neumann_steps=rc.NEUMANN_STEPS,
-        lcp_lambda=rc.LCP_LAMBDA,
-        test_steps=rc.TEST_STEPS or None,
-        eps=rc.EPS,
-        neumann_norm_cap=rc.NEUMANN_NORM_CAP,
-        neumann_tol=rc.NEUMANN_TOL,
-        solver=rc.SOLVER,
-        test_solver=rc.TEST_SOLVER or None,
-        tol=rc.TOL,
-        max_steps=rc.MAX_STEPS,
-        anderson_m=rc.ANDERSON_M,
-        backward_solver=rc.BACKWARD_SOLVER,
-        backward_tol=rc.BACKWARD_TOL,
-        backward_max_steps=rc.BACKWARD_MAX_STEPS,
+        steps=settings.steps,
+        grad=settings.grad,
+        forward=settings.forward,
+        backward=settings.backward,
+        penalty=settings.penalty,
     )
 
 
-def log_recurrent_stats(aux: dict[str, Any], prefix: str, grad: str) -> None:
+def penalty_losses(dynamics: RecurrentDynamics, aux: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``{"loss_lcp" or "loss_jacobian": weight * penalty}`` for a dynamics with a penalty, else ``{}``."""
+    if not dynamics.uses_penalty:
+        return {}
+    return {f"loss_{dynamics.penalty_kind}": aux["penalty_weight"] * aux["penalty"]}
+
+
+def log_recurrent_stats(aux: dict[str, Any], prefix: str, dynamics: RecurrentDynamics) -> None:
     """Write a training step's fixed-point statistics to the active EventStorage (no-op without one).
 
     ``<prefix>/steps`` (cell evaluations), ``residual`` (mean |h_N - h_{N-1}|),
-    ``relative_residual`` (|h_N - h_{N-1}| / |h_N|), ``lcp_penalty`` for cbptt/crbp and, for
-    rbp/crbp, the terms and cap hits of the most recent implicit backward (the previous iteration's).
+    ``relative_residual`` (|h_N - h_{N-1}| / |h_N|); with a penalty, ``<kind>_penalty`` and
+    ``penalty_weight`` (xi, adapted with ``LCP_WEIGHT_AUTO``); with the LCP, ``max_column_sum``
+    (the constraint value ``max 1^T J``); for implicit methods, the terms and cap hits of the most
+    recent implicit backward (the previous iteration's).
     """
     try:
         storage = get_event_storage()
     except AssertionError:
         return
     scalars = {"steps": aux["steps"], "residual": aux["residual"]}
-    if grad in ("cbptt", "crbp"):
-        scalars["lcp_penalty"] = float(aux["penalty"].detach())
+    if dynamics.uses_penalty:
+        scalars[f"{dynamics.penalty_kind}_penalty"] = float(aux["penalty"].detach())
+        scalars["penalty_weight"] = aux["penalty_weight"]
+    if dynamics.uses_lcp and aux.get("max_column_sum") is not None:
+        scalars["max_column_sum"] = aux["max_column_sum"]
     if "relative_residual" in aux:
         scalars["relative_residual"] = aux["relative_residual"]
-    stats = aux.get("neumann_stats")
-    if stats is not None and grad in ("rbp", "crbp"):
+    if dynamics.method.implicit:
+        stats = dynamics.backward_stats
         scalars.update(neumann_terms=stats.terms, neumann_cap_hits=stats.cap_hits)
     storage.put_scalars(**{f"{prefix}/{k}": v for k, v in scalars.items()}, smoothing_hint=False)

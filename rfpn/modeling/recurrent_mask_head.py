@@ -4,8 +4,8 @@ The RoI features (``CONV_DIM`` channels, 14x14) are the constant drive of the re
 core built from ``MODEL.RECURRENT`` (hGRU, 3x3 kernels, GroupNorm in the R-FPN configs);
 the final state goes through the standard readout (norm -> 2x2 deconv -> ReLU -> 1x1
 predictor). Losses and inference stay Detectron2's own (``mask_rcnn_loss`` as ``loss_mask``,
-``mask_rcnn_inference``); with C-BPTT / C-RBP the Lipschitz penalty joins them as
-``loss_lcp = MODEL.RECURRENT.LCP_WEIGHT * penalty``.
+``mask_rcnn_inference``); with a stability penalty (the LCP of C-BPTT / C-RBP) it joins them as
+``loss_lcp = xi * penalty``, xi being ``MODEL.RECURRENT.LCP_WEIGHT`` or its adapted value.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from detectron2.structures import Instances
 from rfpn.config import validate_rfpn_mask_head_config
 from rfpn.recurrent import RecurrentDynamics
 
-from .recurrent_core import build_recurrent_dynamics, log_recurrent_stats
+from .recurrent_core import build_recurrent_dynamics, log_recurrent_stats, penalty_losses
 
 __all__ = ["RecurrentMaskHead"]
 
@@ -45,8 +45,8 @@ def _readout_norm(kind: str, channels: int) -> nn.Module:
 class RecurrentMaskHead(BaseMaskRCNNHead):
     """Mask head whose features come from recurrent dynamics driven by the RoI features.
 
-    Training returns ``{"loss_mask", "loss_lcp"}`` (``loss_lcp`` only for the gradient
-    methods with the LCP). Inference runs ``MODEL.RECURRENT.TEST_STEPS`` steps (with
+    Training returns ``{"loss_mask", "loss_lcp"}`` (``loss_lcp`` only with the LCP;
+    ``loss_jacobian`` instead with the Jacobian regulariser). Inference runs ``MODEL.RECURRENT.TEST_STEPS`` steps (with
     per-instance early stopping when ``EPS > 0``), fills ``pred_masks`` as the standard head
     and adds ``mask_steps`` (steps each instance ran); with ``timecourse`` it also adds
     ``pred_mask_step_logits`` (N, T, M, M): the predicted class's mask logits after every step.
@@ -60,7 +60,6 @@ class RecurrentMaskHead(BaseMaskRCNNHead):
         num_classes: int,
         conv_dim: int,
         dynamics: RecurrentDynamics,
-        lcp_weight: float,
         readout_norm: str = "GN",
         timecourse: bool = False,
         **kwargs: Any,
@@ -71,8 +70,7 @@ class RecurrentMaskHead(BaseMaskRCNNHead):
             num_classes: foreground classes (1 for class-agnostic masks).
             conv_dim: channels of the recurrent state; the RoI features are projected to it
                 by a 1x1 conv only when their channel count differs.
-            dynamics: the recurrent core, built for ``conv_dim`` channels.
-            lcp_weight: weight of the LCP in ``loss_lcp``.
+            dynamics: the recurrent core, built for ``conv_dim`` channels (it carries the penalty weight).
             readout_norm: norm on the final state before the deconv: ``"GN"`` or ``""``.
             timecourse: at test time, also return the mask logits after every step.
         """
@@ -86,7 +84,6 @@ class RecurrentMaskHead(BaseMaskRCNNHead):
             Conv2d(input_shape.channels, conv_dim, kernel_size=1) if input_shape.channels != conv_dim else None
         )
         self.dynamics = dynamics
-        self.lcp_weight = lcp_weight
         self.timecourse = timecourse
         self.readout_norm = _readout_norm(readout_norm, conv_dim)
         self.deconv = ConvTranspose2d(conv_dim, conv_dim, kernel_size=2, stride=2, padding=0)
@@ -109,7 +106,6 @@ class RecurrentMaskHead(BaseMaskRCNNHead):
             num_classes=1 if cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK else cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             conv_dim=conv_dim,
             dynamics=build_recurrent_dynamics(cfg, channels=conv_dim),
-            lcp_weight=cfg.MODEL.RECURRENT.LCP_WEIGHT,
             readout_norm=cfg.MODEL.ROI_MASK_HEAD.READOUT_NORM,
             timecourse=cfg.MODEL.ROI_MASK_HEAD.TIMECOURSE,
         )
@@ -133,7 +129,13 @@ class RecurrentMaskHead(BaseMaskRCNNHead):
             # so the losses stay differentiable and distributed training sees all parameters.
             tie = sum(p.sum() for p in self.dynamics.parameters()) * 0.0
             logits = self.readout(drive) + tie
-            aux = {"penalty": tie, "steps": 0, "steps_per_sample": torch.zeros(0, dtype=torch.long), "residual": 0.0}
+            aux = {
+                "penalty": tie,
+                "penalty_weight": self.dynamics.penalty_weight,
+                "steps": 0,
+                "steps_per_sample": torch.zeros(0, dtype=torch.long),
+                "residual": 0.0,
+            }
             if return_states:
                 aux["states"] = []
             return logits, aux
@@ -144,9 +146,8 @@ class RecurrentMaskHead(BaseMaskRCNNHead):
         if self.training:
             logits, aux = self._run(x)
             losses = {"loss_mask": mask_rcnn_loss(logits, instances, self.vis_period) * self.loss_weight}
-            if self.dynamics.uses_lcp:
-                losses["loss_lcp"] = self.lcp_weight * aux["penalty"]
-            log_recurrent_stats(aux, "mask_head", self.dynamics.grad)
+            losses.update(penalty_losses(self.dynamics, aux))
+            log_recurrent_stats(aux, "mask_head", self.dynamics)
             return losses
         logits, aux = self._run(x, return_states=self.timecourse)
         mask_rcnn_inference(logits, instances)

@@ -5,32 +5,37 @@ Pure PyTorch (no Detectron2), usable on its own::
     from rfpn.recurrent import HGRUCell, RecurrentDynamics
     dyn = RecurrentDynamics(HGRUCell(16, 7), steps=20, grad="crbp")
     h, aux = dyn(x)
-    loss = task_loss(h) + xi * aux["penalty"]
+    loss = task_loss(h) + aux["penalty_weight"] * aux["penalty"]
+
+Gradient methods are registered classes (:mod:`rfpn.recurrent.methods`); a new one is one
+class plus ``@register_gradient_method``.
 """
 from .cells import GATES, NORMS, ConvLSTMCell, HGRUCell, make_norm
 from .diagnostics import SpectralNormEstimate, capture_last_step, fixed_point_diagnostics, jacobian_spectral_norm
-from .dynamics import GRADS, RecurrentDynamics
-from .gradients import (
-    BACKWARD_SOLVERS,
-    NeumannStats,
-    anderson_adjoint_solve,
-    attach_implicit_backward,
-    neumann_solve,
-)
+from .dynamics import RecurrentDynamics, validate_settings
+from .gradients import BackwardStats, anderson_adjoint_solve, attach_implicit_backward, neumann_solve
 from .memory import SavedTensorCounter, saved_tensor_bytes
-from .penalty import column_sums, lcp_penalty
-from .solvers import SOLVERS, AndersonMixer, SolverResult, relative_residual, solve_fixed_point
+from .methods import GRADS, GradientMethod, RecordedStep, presolve, register_gradient_method, resolve_gradient_method
+from .options import BACKWARD_SOLVERS, PENALTIES, SOLVERS, BackwardOptions, ForwardOptions, PenaltyOptions
+from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_penalty
+from .solvers import AndersonMixer, SolverResult, relative_residual, solve_fixed_point
 
 __all__ = [
     "BACKWARD_SOLVERS",
     "GATES",
     "GRADS",
     "NORMS",
+    "PENALTIES",
     "SOLVERS",
     "AndersonMixer",
+    "BackwardOptions",
+    "BackwardStats",
     "ConvLSTMCell",
+    "ForwardOptions",
+    "GradientMethod",
     "HGRUCell",
-    "NeumannStats",
+    "PenaltyOptions",
+    "RecordedStep",
     "RecurrentDynamics",
     "SavedTensorCounter",
     "SolverResult",
@@ -39,12 +44,18 @@ __all__ = [
     "attach_implicit_backward",
     "capture_last_step",
     "column_sums",
+    "dual_ascent_step",
     "fixed_point_diagnostics",
+    "jacobian_frobenius_penalty",
     "jacobian_spectral_norm",
     "lcp_penalty",
     "make_norm",
     "neumann_solve",
+    "presolve",
+    "register_gradient_method",
     "relative_residual",
+    "resolve_gradient_method",
     "saved_tensor_bytes",
     "solve_fixed_point",
+    "validate_settings",
 ]

@@ -1,13 +1,10 @@
 """Run a recurrent cell ``h_{t+1} = F(x, h_t)`` and choose how gradients flow through it.
 
-Gradient methods (``grad``):
-
-- ``bptt``: back-propagation through every step; memory grows linearly with steps.
-- ``cbptt``: ``bptt`` plus the Lipschitz Coefficient Penalty on the last step.
-- ``rbp``: run ``N - 1`` steps without a graph, record only the last step, and replace
-  the incoming gradient by the truncated Neumann series (the implicit gradient at the
-  fixed point); memory does not depend on ``N``.
-- ``crbp``: ``rbp`` plus the LCP: contractor recurrent back-propagation.
+Gradient methods (``grad``, see :mod:`rfpn.recurrent.methods`; one class each, registered by
+name): ``bptt``, ``rbp``, ``jfb``, ``phantom``, each also with a ``c`` prefix that switches the
+Lipschitz Coefficient Penalty on (``cbptt`` and ``crbp`` are the paper's C-BPTT and C-RBP).
+The penalty is orthogonal to the method: ``penalty="lcp"`` or ``"jacobian"`` works with any
+of them, and its weight can adapt itself (``auto_weight``, :mod:`rfpn.recurrent.penalty`).
 
 Forward solvers (``solver``, see :mod:`rfpn.recurrent.solvers`):
 
@@ -15,32 +12,85 @@ Forward solvers (``solver``, see :mod:`rfpn.recurrent.solvers`):
   stopping each sample once its mean absolute update falls below ``eps``.
 - ``iterate`` / ``anderson``: plain or Anderson-accelerated iteration until every sample's
   relative residual ``|h_{t+1} - h_t| / |h_{t+1}|`` is below ``tol``, at most ``max_steps``
-  function evaluations. For ``rbp``/``crbp`` the solve runs without a graph, then the one
-  recorded step and the implicit backward follow, so the gradient is taken at the solved
-  point. ``bptt``/``cbptt`` back-propagate through plain iteration with the same stopping
-  rule (memory grows with the steps run); they refuse ``anderson``, whose least-squares
-  extrapolation is not a recurrence to back-propagate through.
+  function evaluations. Methods that solve without a graph (``rbp``, ``jfb``, ``phantom``)
+  then record their steps with the graph at the solved point. ``bptt`` back-propagates through
+  plain iteration with the same stopping rule (memory grows with the steps run) and refuses
+  ``anderson``, whose least-squares extrapolation is not a recurrence to back-propagate through.
 
 ``test_solver`` picks a different solver for inference (``None`` reuses ``solver``): a model
 trained with a residual-stopped solver can run a fixed ``test_steps`` at test time, further
 towards its fixed point than the training tolerance reaches.
 
-The implicit backward solves ``(I - J^T) u = g`` with the truncated Neumann series
-(``backward_solver="neumann"``) or with Anderson-accelerated iteration to a relative
-tolerance (``"anderson"``, see :func:`rfpn.recurrent.gradients.anderson_adjoint_solve`).
+The settings come in three groups (:mod:`rfpn.recurrent.options`): ``forward=ForwardOptions``,
+``backward=BackwardOptions`` and ``penalty=PenaltyOptions``; their fields are also accepted as
+flat keywords (``tol=1e-3``, ``neumann_steps=15``, ``lcp_lambda=0.9``) and readable and settable
+as attributes (``dyn.tol``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from .gradients import BACKWARD_SOLVERS, NeumannStats, attach_implicit_backward
-from .penalty import lcp_penalty
-from .solvers import SOLVERS, SolverResult, check_finite, relative_residual, solve_fixed_point
+from .gradients import BackwardStats, attach_implicit_backward
+from .methods import GRADS, GradientMethod, RecordedStep, resolve_gradient_method
+from .options import (
+    GROUPS,
+    PYTHON_NAMES,
+    BackwardOptions,
+    ForwardOptions,
+    Naming,
+    PenaltyOptions,
+    split_flat_keywords,
+)
+from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_from_column_sums
+from .solvers import SolverResult, check_finite, relative_residual, solve_fixed_point
 
-GRADS = ("bptt", "cbptt", "rbp", "crbp")
+__all__ = ["GRADS", "RecurrentDynamics", "validate_settings"]
+
+
+def validate_settings(
+    grad: str,
+    steps: int,
+    forward: ForwardOptions,
+    backward: BackwardOptions,
+    penalty: PenaltyOptions,
+    naming: Naming = PYTHON_NAMES,
+    grad_name: str = "grad",
+    steps_name: str = "steps",
+) -> tuple[type[GradientMethod], str]:
+    """Check every setting and their combinations; return the method class and the penalty kind.
+
+    Errors name the setting as ``naming`` spells it (keyword or config key) and the allowed values.
+    """
+    if grad not in GRADS:
+        raise ValueError(f"{grad_name}={grad!r} is not valid; allowed values: {', '.join(GRADS)}.")
+    method, lcp_by_name = resolve_gradient_method(grad)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"{steps_name}={steps!r} is not valid; allowed values: an integer >= 1.")
+    for options in (forward, backward, penalty):
+        options.validate(naming)
+    if method.through_solver and forward.solver == "anderson":
+        raise ValueError(
+            f"{forward.field_name('solver', naming)}='anderson' cannot train with {grad_name}={grad!r} (its "
+            "extrapolation is not a recurrence to back-propagate through); allowed combinations: solver 'anderson' "
+            "with a method that solves without a graph (rbp, jfb, phantom and their c-variants), or solver "
+            f"'fixed'/'iterate' with any {grad_name}."
+        )
+    kind = penalty.kind or ("lcp" if lcp_by_name else "none")
+    if lcp_by_name and kind != "lcp":
+        raise ValueError(
+            f"{penalty.field_name('kind', naming)}={penalty.kind!r} contradicts {grad_name}={grad!r}, whose 'c' prefix "
+            f"means the LCP; allowed values: '' or 'lcp' with {grad!r}, or use {grad[1:]!r} with another penalty."
+        )
+    if penalty.auto and kind != "lcp":
+        raise ValueError(
+            f"{penalty.field_name('auto', naming)}=True adapts the weight to the LCP's constraint max(1^T J) <= lambda "
+            f"and needs the LCP; allowed values: False, or True with the LCP (a c-prefixed {grad_name} or penalty 'lcp')."
+        )
+    return method, kind
 
 
 def _mean_abs_update(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -48,95 +98,137 @@ def _mean_abs_update(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return (new.detach() - old.detach()).abs().flatten(1).mean(1)
 
 
+class _Option:
+    """An attribute of ``RecurrentDynamics`` that reads and writes one field of an option group."""
+
+    def __init__(self, group: str, name: str):
+        self.group, self.name = group, name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj.__dict__[self.group], self.name)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj.__dict__[self.group], self.name, value)
+
+
+class _TrainingRun:
+    """The view of a training pass that gradient methods use (:class:`~rfpn.recurrent.methods.DynamicsRun`)."""
+
+    def __init__(self, dynamics: "RecurrentDynamics", states: list | None):
+        self.dynamics, self.states = dynamics, states
+        self.forward_options = dynamics.forward_options
+        self.backward_options = dynamics.backward_options
+        self.penalty_active = dynamics.penalty_kind != "none"
+
+    def step(self, x: torch.Tensor, h: torch.Tensor, t: int, total: int, record: bool = True) -> torch.Tensor:
+        out = self.dynamics.cell(x, h)
+        check_finite(out, t, total)
+        if record:
+            self.record(out)
+        return out
+
+    def solve(self, x: torch.Tensor, h: torch.Tensor, cap: int, tol: float) -> SolverResult:
+        return self.dynamics._solve(x, h, cap, tol, self.states)
+
+    def record(self, h: torch.Tensor) -> None:
+        self.dynamics._record(self.states, h)
+
+    def implicit_backward(self, f_out: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
+        return attach_implicit_backward(f_out, h_in, self.backward_options, self.dynamics.backward_stats)
+
+
 class RecurrentDynamics(nn.Module):
     """Iterate ``cell`` from a zero state and return ``(readout, aux)``.
 
-    ``aux`` holds ``penalty`` (0-dim tensor; 0 without LCP), ``steps`` (int, steps run),
-    ``steps_per_sample`` (LongTensor), ``residual`` (float, mean |h_N - h_{N-1}|),
+    ``aux`` holds ``penalty`` (0-dim tensor, unweighted; 0 without a penalty),
+    ``penalty_weight`` (float: the weight xi this step's loss should use, ``weight * penalty``),
+    ``max_column_sum`` (float, ``max 1^T J`` when the LCP ran, else NaN), ``steps`` (int, steps
+    run), ``steps_per_sample`` (LongTensor), ``residual`` (float, mean |h_N - h_{N-1}|),
     ``residual_per_sample`` (tensor) and, when ``return_states`` is set, ``states``: the
     detached readout after every step (detached, so autograd memory stays flat).
-    ``neumann_stats`` describes the last implicit backward (terms or iterations used,
-    stop reason, final relative residual).
+    ``backward_stats`` (also as ``neumann_stats``) describes the last implicit backward
+    (terms or iterations used, stop reason, final relative residual).
 
     Fixed-point statistics, for every solver: ``solver`` (str), ``relative_residual``
     (float, batch mean) and ``relative_residual_per_sample`` of the last step
     ``|h_N - h_{N-1}| / |h_N|``, ``converged`` (BoolTensor, that residual ``< tol``) and
     ``solver_stop`` (``"converged"``, ``"max_steps"``, or ``"fixed"`` for the fixed
-    solver). ``steps`` counts evaluations of the cell on the batch (the recorded step
+    solver). ``steps`` counts evaluations of the cell on the batch (the recorded steps
     included); ``steps_per_sample`` is the evaluation from which a sample stayed below
     ``tol`` (non-fixed solvers) or the steps it ran (fixed).
+
+    With ``auto_weight`` the weight is a buffer (``auto_penalty_weight``, saved in checkpoints)
+    updated after every training pass by :func:`~rfpn.recurrent.penalty.dual_ascent_step`.
     """
+
+    solver = _Option("forward_options", "solver")
+    test_solver = _Option("forward_options", "test_solver")
+    tol = _Option("forward_options", "tol")
+    max_steps = _Option("forward_options", "max_steps")
+    anderson_m = _Option("forward_options", "anderson_m")
+    test_steps = _Option("forward_options", "test_steps")
+    eps = _Option("forward_options", "eps")
+    backward_solver = _Option("backward_options", "solver")
+    backward_tol = _Option("backward_options", "tol")
+    backward_max_steps = _Option("backward_options", "max_steps")
+    neumann_steps = _Option("backward_options", "neumann_steps")
+    neumann_norm_cap = _Option("backward_options", "norm_cap")
+    neumann_tol = _Option("backward_options", "neumann_tol")
+    phantom_steps = _Option("backward_options", "phantom_steps")
+    phantom_tau = _Option("backward_options", "phantom_tau")
+    lcp_lambda = _Option("penalty_options", "lcp_lambda")
 
     def __init__(
         self,
         cell: nn.Module,
         steps: int,
         grad: str = "crbp",
-        neumann_steps: int = 15,
-        lcp_lambda: float = 0.9,
-        test_steps: int | None = None,
-        eps: float = 0.0,
-        neumann_norm_cap: float = 100.0,
-        neumann_tol: float = 0.0,
-        solver: str = "fixed",
-        tol: float = 1e-4,
-        max_steps: int = 100,
-        anderson_m: int = 5,
-        backward_solver: str = "neumann",
-        backward_tol: float = 1e-5,
-        backward_max_steps: int = 50,
-        test_solver: str | None = None,
+        *,
+        forward: ForwardOptions | None = None,
+        backward: BackwardOptions | None = None,
+        penalty: PenaltyOptions | None = None,
+        **flat: Any,
     ):
         super().__init__()
-        if grad not in GRADS:
-            raise ValueError(f"Unknown gradient method {grad!r}; allowed values: {', '.join(GRADS)}.")
-        if solver not in SOLVERS:
-            raise ValueError(f"Unknown forward solver {solver!r}; allowed values: {', '.join(SOLVERS)}.")
-        if test_solver is not None and test_solver not in SOLVERS:
-            raise ValueError(
-                f"Unknown inference solver {test_solver!r}; allowed values: None (reuse solver), {', '.join(SOLVERS)}."
-            )
-        if backward_solver not in BACKWARD_SOLVERS:
-            raise ValueError(
-                f"Unknown backward solver {backward_solver!r}; allowed values: {', '.join(BACKWARD_SOLVERS)}."
-            )
-        if not tol > 0 or not backward_tol > 0:
-            raise ValueError(f"tol and backward_tol must be > 0; got {tol} and {backward_tol}.")
-        if max_steps < 1 or backward_max_steps < 1 or anderson_m < 1:
-            raise ValueError(
-                "max_steps, backward_max_steps and anderson_m must be >= 1; "
-                f"got {max_steps}, {backward_max_steps}, {anderson_m}."
-            )
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1; got {steps}.")
-        if test_steps is not None and test_steps < 1:
-            raise ValueError(f"test_steps must be >= 1 (or None to reuse steps); got {test_steps}.")
-        if not 0.0 <= lcp_lambda < 1.0:
-            raise ValueError(f"lcp_lambda must lie in [0, 1); got {lcp_lambda}.")
-        if neumann_steps < 0:
-            raise ValueError(f"neumann_steps must be >= 0; got {neumann_steps}.")
+        groups = {"forward": forward, "backward": backward, "penalty": penalty}
+        for group, values in split_flat_keywords(flat).items():
+            if values and groups[group] is not None:
+                raise TypeError(
+                    f"Pass either {group}={GROUPS[group].__name__}(...) or its keywords ({', '.join(values)}), not both."
+                )
+            groups[group] = dataclasses.replace(groups[group]) if groups[group] else GROUPS[group](**values)
+        method, kind = validate_settings(grad, steps, groups["forward"], groups["backward"], groups["penalty"])
         self.cell = cell
         self.steps = steps
         self.grad = grad
-        self.neumann_steps = neumann_steps
-        self.lcp_lambda = lcp_lambda
-        self.test_steps = test_steps
-        self.eps = eps
-        self.neumann_norm_cap = neumann_norm_cap
-        self.neumann_tol = neumann_tol
-        self.solver = solver
-        self.test_solver = test_solver
-        self.tol = tol
-        self.max_steps = max_steps
-        self.anderson_m = anderson_m
-        self.backward_solver = backward_solver
-        self.backward_tol = backward_tol
-        self.backward_max_steps = backward_max_steps
-        self.neumann_stats = NeumannStats(solver=backward_solver)
+        self.method = method()
+        self.forward_options: ForwardOptions = groups["forward"]
+        self.backward_options: BackwardOptions = groups["backward"]
+        self.penalty_options: PenaltyOptions = groups["penalty"]
+        self.penalty_kind = kind
+        self.backward_stats = BackwardStats(solver=self.backward_options.solver)
+        if self.penalty_options.auto:
+            self.register_buffer("auto_penalty_weight", torch.tensor(float(self.penalty_options.weight), dtype=torch.float64))
+
+    @property
+    def neumann_stats(self) -> BackwardStats:
+        """The backward statistics under their earlier name."""
+        return self.backward_stats
 
     @property
     def uses_lcp(self) -> bool:
-        return self.grad in ("cbptt", "crbp")
+        return self.penalty_kind == "lcp"
+
+    @property
+    def uses_penalty(self) -> bool:
+        return self.penalty_kind != "none"
+
+    @property
+    def penalty_weight(self) -> float:
+        """The weight xi of the penalty in the loss (the adapted value with ``auto_weight``)."""
+        if self.penalty_options.auto:
+            return float(self.auto_penalty_weight)
+        return float(self.penalty_options.weight)
 
     @property
     def inference_solver(self) -> str:
@@ -166,25 +258,49 @@ class RecurrentDynamics(nn.Module):
                 f"Initial state shape {tuple(state.shape)} does not match the drive: expected "
                 f"({x.shape[0]}, {', '.join(map(str, expected))})."
             )
-        fixed = self.solver == "fixed"
         if self.training and torch.is_grad_enabled():
-            n = (self.steps if fixed else self.max_steps) if steps is None else steps
+            n = (self.steps if self.solver == "fixed" else self.max_steps) if steps is None else steps
             if n < 1:
                 raise ValueError(f"steps must be >= 1; got {n}.")
-            if self.grad in ("bptt", "cbptt"):
-                if self.solver == "anderson":
-                    raise ValueError(
-                        f"grad={self.grad!r} cannot train through the anderson solver (its extrapolation is not "
-                        "a recurrence to back-propagate through); use grad 'rbp'/'crbp', or solver 'iterate'."
-                    )
-                return self._run_bptt(x, state, n, return_states, tol)
-            return self._run_rbp(x, state, n, return_states, tol)
+            return self._train(x, state, n, return_states, tol)
         solver = self.inference_solver
         if solver == "fixed":
             n = steps if steps is not None else (self.test_steps or self.steps)
             return self._run_inference(x, state, n, self.eps if eps is None else eps, return_states, tol)
         cap = self.max_steps if steps is None else steps
         return self._run_solver_inference(x, state, cap, return_states, tol, solver)
+
+    def _train(self, x, state, n, return_states, tol):
+        """Let the gradient method record its graph, then add the penalty and adapt its weight."""
+        states: list | None = [] if return_states else None
+        step: RecordedStep = self.method.train(_TrainingRun(self, states), x, state, n, tol)
+        penalty, max_column_sum = self._penalty(step, x)
+        weight = self.penalty_weight
+        if self.penalty_options.auto and self.training:
+            new = dual_ascent_step(weight, max_column_sum, self.lcp_lambda, self.penalty_options.rate)
+            self.auto_penalty_weight.fill_(new)
+        rel = relative_residual(step.f_out.detach(), step.h_in.detach())
+        aux = self._aux(
+            penalty,
+            step.solve.evals,
+            _mean_abs_update(step.f_out, step.h_in),
+            rel,
+            states,
+            tol,
+            step.solve.stop,
+            step.solve.per_sample,
+        )
+        aux.update(penalty_weight=weight, max_column_sum=max_column_sum)
+        return self.cell.readout(step.output), aux
+
+    def _penalty(self, step: RecordedStep, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The configured penalty on the last recorded step, and ``max 1^T J`` when the LCP measured it."""
+        if self.penalty_kind == "lcp":
+            sums = column_sums(step.f_out, step.h_in)
+            return lcp_from_column_sums(sums, self.lcp_lambda), float(sums.detach().max())
+        if self.penalty_kind == "jacobian":
+            return jacobian_frobenius_penalty(step.f_out, step.h_in, self.penalty_options.probes), float("nan")
+        return x.new_zeros(()), float("nan")
 
     def _aux(
         self,
@@ -201,6 +317,8 @@ class RecurrentDynamics(nn.Module):
         batch = residual_per_sample.shape[0]
         aux: dict[str, Any] = {
             "penalty": penalty,
+            "penalty_weight": self.penalty_weight,
+            "max_column_sum": float("nan"),
             "steps": steps,
             "steps_per_sample": torch.full((batch,), steps, dtype=torch.long) if per_sample is None else per_sample,
             "residual": float(residual_per_sample.mean()),
@@ -210,7 +328,8 @@ class RecurrentDynamics(nn.Module):
             "converged": relative_per_sample < tol,
             "solver": solver or self.solver,
             "solver_stop": stop,
-            "neumann_stats": self.neumann_stats,
+            "backward_stats": self.backward_stats,
+            "neumann_stats": self.backward_stats,
         }
         if states is not None:
             aux["states"] = states
@@ -230,57 +349,6 @@ class RecurrentDynamics(nn.Module):
     def _record(self, states: list | None, state: torch.Tensor) -> None:
         if states is not None:
             states.append(self.cell.readout(state).detach())
-
-    def _run_bptt(self, x, state, n, return_states, tol):
-        """Back-propagate through plain iteration: ``n`` steps (fixed), or fewer once all are below ``tol``."""
-        states: list | None = [] if return_states else None
-        if self.uses_lcp and not state.requires_grad:
-            state = state.detach().requires_grad_()
-        result = self._solve(x, state, n, tol, states)
-        h_in, h_out = result.state, result.image
-        penalty = lcp_penalty(h_out, h_in, self.lcp_lambda) if self.uses_lcp else x.new_zeros(())
-        stop = "fixed" if self.solver == "fixed" else result.stop_reason
-        per_sample = None if self.solver == "fixed" else result.steps_per_sample
-        aux = self._aux(
-            penalty, result.evals, result.mean_abs_update, result.relative_residual, states, tol, stop, per_sample
-        )
-        return self.cell.readout(h_out), aux
-
-    def _run_rbp(self, x, state, n, return_states, tol):
-        """Reach the fixed point without a graph, then record one step for the implicit backward."""
-        states: list | None = [] if return_states else None
-        stop, per_sample, evals = ("fixed" if self.solver == "fixed" else "max_steps"), None, n
-        if self.solver == "fixed":
-            with torch.no_grad():
-                for t in range(1, n):
-                    state = self.cell(x, state)
-                    check_finite(state, t, n)
-                    self._record(states, state)
-        elif n > 1:
-            with torch.no_grad():
-                result = self._solve(x, state, n - 1, tol, states)
-            state, stop = result.image, result.stop_reason
-            per_sample, evals = result.steps_per_sample + 1, result.evals + 1
-        h_in = state.detach().requires_grad_()
-        h_out = self.cell(x, h_in)
-        check_finite(h_out, evals, evals if self.solver == "fixed" else n)
-        self._record(states, h_out)
-        penalty = lcp_penalty(h_out, h_in, self.lcp_lambda) if self.uses_lcp else x.new_zeros(())
-        task_out = attach_implicit_backward(
-            h_out,
-            h_in,
-            self.neumann_steps,
-            self.neumann_norm_cap,
-            self.neumann_tol,
-            self.neumann_stats,
-            solver=self.backward_solver,
-            solver_tol=self.backward_tol,
-            solver_max_steps=self.backward_max_steps,
-            anderson_m=self.anderson_m,
-        )
-        rel = relative_residual(h_out.detach(), h_in.detach())
-        aux = self._aux(penalty, evals, _mean_abs_update(h_out, h_in), rel, states, tol, stop, per_sample)
-        return self.cell.readout(task_out), aux
 
     @torch.no_grad()
     def _run_solver_inference(self, x, state, cap, return_states, tol, solver):

@@ -16,15 +16,16 @@ from typing import Callable
 
 import torch
 
+from .options import BACKWARD_SOLVERS, BackwardOptions
 from .solvers import AndersonMixer
 
 VJP = Callable[[torch.Tensor], torch.Tensor]
-BACKWARD_SOLVERS = ("neumann", "anderson")
+__all__ = ["BACKWARD_SOLVERS", "BackwardStats", "anderson_adjoint_solve", "attach_implicit_backward", "neumann_solve"]
 
 
 @dataclass
-class NeumannStats:
-    """What the last backward solve did.
+class BackwardStats:
+    """What the last implicit backward solve did.
 
     ``terms``: vector-Jacobian products used (Neumann terms or solver iterations);
     ``stop_reason``: why it stopped; ``cap_hits``: how many backward solves so far ended on
@@ -118,14 +119,8 @@ def anderson_adjoint_solve(
 def attach_implicit_backward(
     h_out: torch.Tensor,
     h_in: torch.Tensor,
-    max_terms: int,
-    norm_cap: float = 100.0,
-    tol: float = 0.0,
-    stats: NeumannStats | None = None,
-    solver: str = "neumann",
-    solver_tol: float = 1e-5,
-    solver_max_steps: int = 50,
-    anderson_m: int = 5,
+    options: BackwardOptions | None = None,
+    stats: BackwardStats | None = None,
 ) -> torch.Tensor:
     """Make back-propagation through ``h_out = F(x, h_in)`` use the implicit gradient.
 
@@ -133,32 +128,33 @@ def attach_implicit_backward(
     Returns an alias of ``h_out`` for the task to consume: a hook on it replaces the
     gradient ``g`` it receives with ``u ~ (I - J^T)^-1 g``, and autograd then carries ``u``
     through the one recorded step into parameters and drive. The alias keeps gradients
-    that reach ``h_out`` by other routes (the LCP's double backward) untouched.
+    that reach ``h_out`` by other routes (the penalty's double backward) untouched.
 
-    ``solver="neumann"`` sums at most ``max_terms`` Neumann terms (``norm_cap``, ``tol`` as
-    in :func:`neumann_solve`); ``"anderson"`` solves to the relative tolerance
-    ``solver_tol`` in at most ``solver_max_steps`` VJPs (:func:`anderson_adjoint_solve`).
+    ``options.solver="neumann"`` sums at most ``neumann_steps`` Neumann terms (``norm_cap``,
+    ``neumann_tol`` as in :func:`neumann_solve`); ``"anderson"`` solves to the relative
+    tolerance ``options.tol`` in at most ``options.max_steps`` VJPs
+    (:func:`anderson_adjoint_solve`). ``stats`` receives what the solve did.
     """
     if not (h_in.is_leaf and h_in.requires_grad):
         raise ValueError("attach_implicit_backward needs h_in to be a detached leaf that requires grad.")
-    if solver not in BACKWARD_SOLVERS:
-        raise ValueError(f"Unknown backward solver {solver!r}; allowed values: {', '.join(BACKWARD_SOLVERS)}.")
-    stats = stats if stats is not None else NeumannStats()
+    options = options if options is not None else BackwardOptions()
+    options.validate()
+    stats = stats if stats is not None else BackwardStats()
 
     def vjp(v: torch.Tensor) -> torch.Tensor:
         (out,) = torch.autograd.grad(h_out, h_in, v, retain_graph=True)
         return out
 
     def replace_gradient(g: torch.Tensor) -> torch.Tensor:
-        if solver == "neumann":
-            u, terms, reason = neumann_solve(vjp, g, max_terms, norm_cap, tol)
+        if options.solver == "neumann":
+            u, terms, reason = neumann_solve(vjp, g, options.neumann_steps, options.norm_cap, options.neumann_tol)
             residual, failed = math.nan, reason in ("norm_cap", "non_finite")
         else:
             u, terms, reason, residual = anderson_adjoint_solve(
-                vjp, g, solver_tol, solver_max_steps, anderson_m, norm_cap
+                vjp, g, options.tol, options.max_steps, options.anderson_m, options.norm_cap
             )
             failed = reason != "converged"
-        stats.terms, stats.stop_reason, stats.solver, stats.residual = terms, reason, solver, residual
+        stats.terms, stats.stop_reason, stats.solver, stats.residual = terms, reason, options.solver, residual
         stats.cap_hits += int(failed)
         return u
 

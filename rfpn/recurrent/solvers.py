@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-SOLVERS = ("fixed", "iterate", "anderson")
+from .options import SOLVERS
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 
 
