@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("bptt", "cbptt", "rbp", "crbp")
+from rfpn.recurrent import GRADS
+
+METHODS = tuple(GRADS)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_JSON = REPO_ROOT / "benchmarks" / "results" / "memory.json"
 DOCS_FIGURE = REPO_ROOT / "docs" / "figures" / "memory_vs_steps.png"
@@ -54,6 +56,8 @@ class BenchmarkSettings:
     neumann_steps: int = field(default=15, metadata={"help": "max Neumann terms of the rbp/crbp backward"})
     lcp_lambda: float = field(default=0.9, metadata={"help": "LCP target lambda (cbptt/crbp)"})
     penalty_weight: float = field(default=10.0, metadata={"help": "LCP weight in the loss"})
+    phantom_steps: int = field(default=5, metadata={"help": "phantom/cphantom: damped steps with the graph"})
+    phantom_tau: float = field(default=0.5, metadata={"help": "phantom/cphantom: damping tau"})
     threads: int = field(default=2, metadata={"help": "torch threads"})
     warmup: int = field(default=0, metadata={"help": "extra warm-up steps (the memory step already warms up)"})
     repeats: int = field(default=3, metadata={"help": "timed steps per point; the median is reported"})
@@ -117,7 +121,13 @@ def build_step_model(settings: BenchmarkSettings, method: str, steps: int):
             self.stem = nn.Conv2d(1, c, k, padding=k // 2)
             cell = HGRUCell(c, k, norm=settings.norm, timesteps=steps)
             self.dynamics = RecurrentDynamics(
-                cell, steps, grad=method, neumann_steps=settings.neumann_steps, lcp_lambda=settings.lcp_lambda
+                cell,
+                steps,
+                grad=method,
+                neumann_steps=settings.neumann_steps,
+                lcp_lambda=settings.lcp_lambda,
+                phantom_steps=settings.phantom_steps,
+                phantom_tau=settings.phantom_tau,
             )
             self.head = nn.Conv2d(c, 2, 1)
 
@@ -185,8 +195,8 @@ def measure_point(settings: BenchmarkSettings, method: str, steps: int) -> dict[
         "residual": aux["residual"],
         "penalty": aux["penalty"].item(),
     }
-    if method in ("rbp", "crbp"):
-        stats = aux["neumann_stats"]
+    if model.dynamics.method.implicit:
+        stats = aux["backward_stats"]
         point["neumann_terms"], point["neumann_stop"] = stats.terms, stats.stop_reason
 
     # The memory step above is the warm-up; long points get fewer repeats (budget per point).
@@ -242,7 +252,7 @@ def _find(points: list[dict], method: str, steps: int) -> dict | None:
 
 
 def check_goals(points: list[dict]) -> dict[str, Any]:
-    """The issue's goals: C-RBP at 80 steps within 10% of 5 steps, and below BPTT at 6 steps."""
+    """C-RBP at 80 steps within 10% of 5 steps and below BPTT at 6 steps; JFB >= 1.4x faster than C-RBP at 20."""
     crbp5, crbp80, bptt6 = _find(points, "crbp", 5), _find(points, "crbp", 80), _find(points, "bptt", 6)
     goals: dict[str, Any] = {}
     for key, label in (("saved_bytes", "saved"), ("peak_rss_delta_mib", "peak_rss")):
@@ -254,6 +264,10 @@ def check_goals(points: list[dict]) -> dict[str, Any]:
             ratio = crbp80[key] / bptt6[key]
             goals[f"crbp80_over_bptt6_{label}"] = ratio
             goals[f"crbp80_below_bptt6_{label}"] = ratio < 1.0
+    crbp20, jfb20 = _find(points, "crbp", 20), _find(points, "jfb", 20)
+    if crbp20 and jfb20:
+        goals["jfb20_speedup_over_crbp20"] = crbp20["time_ms"] / jfb20["time_ms"]
+        goals["jfb20_at_least_1.4x_faster_than_crbp20"] = goals["jfb20_speedup_over_crbp20"] >= 1.4
     return goals
 
 

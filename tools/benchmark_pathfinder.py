@@ -51,6 +51,9 @@ METHODS = {
     "RBP": "pfcpu9_hgru_rbp.yaml",
     "C-RBP": "pfcpu9_hgru_crbp.yaml",
     "FF control": "pfcpu9_ff_control.yaml",
+    "JFB": "pfcpu9_hgru_jfb.yaml",
+    "Phantom": "pfcpu9_hgru_phantom.yaml",
+    "C-RBP auto": "pfcpu9_hgru_crbp_auto.yaml",
 }
 GENERALISATION_METHODS = ("BPTT", "C-RBP")
 logger = logging.getLogger("rfpn.benchmark_pathfinder")
@@ -161,10 +164,27 @@ def run_method(name: str, args, out_root: str) -> dict:
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(out, "model_final.pth"),
     }
+    row.update(constraint_summary(trainer.storage, args.iters))
     row.update(evaluation(name, args, cfg, trainer.model, results["pathfinder"]["IoU"]))
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
     save_row(out_root, row)
     return row
+
+
+def constraint_summary(storage, iters: int) -> dict:
+    """The LCP's constraint value ``max 1^T J`` and the weight xi: last-20% mean and max, and curves."""
+    out: dict = {}
+    tail = max(1, iters // 5)
+    for key in ("max_column_sum", "penalty_weight"):
+        name = f"recurrent/{key}"
+        if name not in storage.histories():
+            continue
+        values = [(int(it), float(v)) for v, it in storage.history(name).values()]
+        last = [v for _, v in values[-tail:]]
+        out[f"{key}_last20pct_mean"] = sum(last) / len(last)
+        out[f"{key}_last20pct_max"] = max(last)
+        out.setdefault("curves", {})[key] = values[:: max(1, len(values) // 300)]
+    return out
 
 
 def evaluation(name: str, args, cfg: CfgNode, model: torch.nn.Module, iou: float | None = None) -> dict:

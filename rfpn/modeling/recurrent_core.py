@@ -26,9 +26,9 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
         cell,
         steps=settings.steps,
         grad=settings.grad,
-        forward=settings.forward,
-        backward=settings.backward,
-        penalty=settings.penalty,
+        forward_options=settings.forward,
+        backward_options=settings.backward,
+        penalty_options=settings.penalty,
     )
 
 

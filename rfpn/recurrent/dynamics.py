@@ -21,8 +21,8 @@ Forward solvers (``solver``, see :mod:`rfpn.recurrent.solvers`):
 trained with a residual-stopped solver can run a fixed ``test_steps`` at test time, further
 towards its fixed point than the training tolerance reaches.
 
-The settings come in three groups (:mod:`rfpn.recurrent.options`): ``forward=ForwardOptions``,
-``backward=BackwardOptions`` and ``penalty=PenaltyOptions``; their fields are also accepted as
+The settings come in three groups (:mod:`rfpn.recurrent.options`): ``forward_options``,
+``backward_options`` and ``penalty_options``; their fields are also accepted as
 flat keywords (``tol=1e-3``, ``neumann_steps=15``, ``lcp_lambda=0.9``) and readable and settable
 as attributes (``dyn.tol``).
 """
@@ -184,17 +184,18 @@ class RecurrentDynamics(nn.Module):
         steps: int,
         grad: str = "crbp",
         *,
-        forward: ForwardOptions | None = None,
-        backward: BackwardOptions | None = None,
-        penalty: PenaltyOptions | None = None,
+        forward_options: ForwardOptions | None = None,
+        backward_options: BackwardOptions | None = None,
+        penalty_options: PenaltyOptions | None = None,
         **flat: Any,
     ):
         super().__init__()
-        groups = {"forward": forward, "backward": backward, "penalty": penalty}
+        groups = {"forward": forward_options, "backward": backward_options, "penalty": penalty_options}
         for group, values in split_flat_keywords(flat).items():
             if values and groups[group] is not None:
                 raise TypeError(
-                    f"Pass either {group}={GROUPS[group].__name__}(...) or its keywords ({', '.join(values)}), not both."
+                    f"Pass either {group}_options={GROUPS[group].__name__}(...) or its keywords "
+                    f"({', '.join(values)}), not both."
                 )
             groups[group] = dataclasses.replace(groups[group]) if groups[group] else GROUPS[group](**values)
         method, kind = validate_settings(grad, steps, groups["forward"], groups["backward"], groups["penalty"])
