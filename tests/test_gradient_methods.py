@@ -388,3 +388,19 @@ def test_flat_keywords_and_groups_are_not_mixed():
         RecurrentDynamics(GainCell(), steps=2, penalty_options=PenaltyOptions(), lcp_lambda=0.5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'neuman_steps'"):
         RecurrentDynamics(GainCell(), steps=2, neuman_steps=3)
+
+
+def test_gradient_agreement_scores_exact_methods_near_one_and_jfb_below():
+    from rfpn.analysis import gradient_agreement
+
+    cell = tiny_hgru("gn", scale=0.5)
+    dyn = RecurrentDynamics(cell, steps=60, grad="crbp", neumann_steps=200, neumann_tol=1e-12)
+    torch.manual_seed(5)
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    weight = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    rows, reference = gradient_agreement(dyn, x, lambda h: (h * weight).sum(), ("bptt", "rbp", "jfb", "phantom"))
+    cosine = {r.method: r.cosine for r in rows}
+    assert reference["backward_stop"] == "converged" and reference["forward_stop"] == "converged"
+    assert cosine["rbp"] > 1 - 1e-6 and cosine["bptt"] > 1 - 1e-6
+    assert cosine["jfb"] < cosine["phantom"] < 1 - 1e-6
+    assert dyn.penalty_kind == "lcp" and dyn.grad == "crbp", "the probed model is left as it was"

@@ -292,3 +292,16 @@ def test_prepare_panoptic_fpn_on_builtin_coco_layout(tmp_path, monkeypatch):
     np.testing.assert_array_equal(stuff, expected)
     (d,) = DatasetCatalog.get(name)
     assert d["annotations"][0]["category_id"] == 0 and d["sem_seg_file_name"].endswith("000000000001.png")
+
+
+def test_area_thresholds_are_scaled_to_the_image_size_of_every_panoptic_config():
+    """COCO's STUFF_AREA_LIMIT (4096 px at an 800 px short side) is scaled to each config's test size."""
+    from rfpn import model_zoo
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("Synthetic-Panoptic/panoptic_*.yaml")) + sorted(root.glob("COCO-PanopticSegmentation/panoptic_*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        cfg = model_zoo.get_config(str(path.relative_to(root)))
+        expected = round(4096 * (cfg.INPUT.MIN_SIZE_TEST / 800) ** 2)
+        assert cfg.MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT == expected, path.name

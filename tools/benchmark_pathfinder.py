@@ -39,6 +39,7 @@ from rfpn.config import add_rfpn_config
 from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
+from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
 from rfpn.utils.jobs import ChildJob, run_child_jobs, write_json_atomic
@@ -164,27 +165,11 @@ def run_method(name: str, args, out_root: str) -> dict:
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(out, "model_final.pth"),
     }
-    row.update(constraint_summary(trainer.storage, args.iters))
+    row.update(penalty_weight_history(trainer.storage, "recurrent", args.iters))
     row.update(evaluation(name, args, cfg, trainer.model, results["pathfinder"]["IoU"]))
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
     save_row(out_root, row)
     return row
-
-
-def constraint_summary(storage, iters: int) -> dict:
-    """The LCP's constraint value ``max 1^T J`` and the weight xi: last-20% mean and max, and curves."""
-    out: dict = {}
-    tail = max(1, iters // 5)
-    for key in ("max_column_sum", "penalty_weight"):
-        name = f"recurrent/{key}"
-        if name not in storage.histories():
-            continue
-        values = [(int(it), float(v)) for v, it in storage.history(name).values()]
-        last = [v for _, v in values[-tail:]]
-        out[f"{key}_last20pct_mean"] = sum(last) / len(last)
-        out[f"{key}_last20pct_max"] = max(last)
-        out.setdefault("curves", {})[key] = values[:: max(1, len(values) // 300)]
-    return out
 
 
 def evaluation(name: str, args, cfg: CfgNode, model: torch.nn.Module, iou: float | None = None) -> dict:

@@ -43,6 +43,7 @@ from detectron2.utils.logger import setup_logger
 from rfpn import model_zoo
 from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic
 from rfpn.engine import Trainer
+from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils.jobs import ChildJob, run_child_jobs, write_json_atomic
 
@@ -54,6 +55,7 @@ MODELS = {
     "crbp5": ("R-FPN C-RBP-5", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp5.yaml"),
     "crbp10": ("R-FPN C-RBP-10", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp10.yaml"),
     "crbp20": ("R-FPN C-RBP-20", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20.yaml"),
+    "crbp20auto": ("R-FPN C-RBP-20, automatic LCP weight", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20_auto.yaml"),
 }
 DATASET_NAME = "synthetic_panoptic_bench"
 
@@ -136,6 +138,7 @@ def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[st
         "mask_head_bytes_per_roi": statistics.median(per_roi) if per_roi else None,
         "mask_head_bytes_median": statistics.median(b for b, _ in memory) if memory else None,
         "rois_per_iter_median": statistics.median(n for _, n in memory) if memory else None,
+        **penalty_weight_history(trainer.storage, "mask_head", args.iters),
     }
     logger.info("%s: %s", label, json.dumps(row))
     run_dir(args, key, seed).mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ __all__ = [
     "plot_distances",
     "plot_flood_fill",
     "plot_generalization",
+    "plot_gradient_agreement",
+    "plot_penalty_weight_curves",
     "plot_iou_vs_step",
     "plot_readout_grid",
     "plot_state_space",
@@ -228,5 +230,46 @@ def plot_strip(path: str, frames: Sequence[np.ndarray], titles: Sequence[str], h
         ax.imshow(frame, cmap=None if frame.ndim == 3 else "magma")
         ax.set_title(title, fontsize=8)
         _off(ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gradient_agreement(path: str, rows: Sequence) -> str:
+    """Bars of each method's cosine to the exact implicit gradient (rows: ``GradientAgreement``)."""
+    fig = Figure(figsize=(4.2, 2.6))
+    ax = fig.add_subplot(1, 1, 1)
+    names = [r.method for r in rows]
+    ax.bar(names, [r.cosine for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        ax.text(i, r.cosine, f"{r.cosine:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(min(0.0, min(r.cosine for r in rows)), 1.08)
+    ax.set_ylabel("cosine to exact implicit gradient", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_penalty_weight_curves(
+    path: str, runs: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], lam: float
+) -> str:
+    """Constraint value ``max 1^T J`` (top) and penalty weight xi (bottom, log scale) over training.
+
+    ``runs`` maps a run name to ``{"max_column_sum": [(iter, value)], "penalty_weight": [(iter, value)]}``.
+    """
+    fig = Figure(figsize=(5.0, 4.2))
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2, sharex=None)
+    for name, curves in runs.items():
+        for ax, key in ((top, "max_column_sum"), (bottom, "penalty_weight")):
+            points = curves.get(key) or []
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1)
+    top.axhline(lam, color="k", linestyle="--", linewidth=0.8, label=f"lambda = {lam}")
+    top.set_ylabel("max column sum of J", fontsize=8)
+    bottom.set_ylabel("penalty weight xi", fontsize=8)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("iteration", fontsize=8)
+    for ax in (top, bottom):
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)

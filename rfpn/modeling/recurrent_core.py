@@ -64,3 +64,24 @@ def log_recurrent_stats(aux: dict[str, Any], prefix: str, dynamics: RecurrentDyn
         stats = dynamics.backward_stats
         scalars.update(neumann_terms=stats.terms, neumann_cap_hits=stats.cap_hits)
     storage.put_scalars(**{f"{prefix}/{k}": v for k, v in scalars.items()}, smoothing_hint=False)
+
+
+def penalty_weight_history(storage, prefix: str, iters: int, points: int = 300) -> dict[str, Any]:
+    """What :func:`log_recurrent_stats` wrote of the LCP's constraint and weight, summarised.
+
+    For ``max_column_sum`` and ``penalty_weight`` under ``<prefix>/``: the mean and max over the last
+    20% of ``iters`` training iterations (``<key>_last20pct_mean``, ``<key>_last20pct_max``) and
+    ``curves[key]``, at most ``points`` ``(iteration, value)`` pairs. Empty when the run had no LCP.
+    """
+    tail = max(1, iters // 5)
+    out: dict[str, Any] = {}
+    for key in ("max_column_sum", "penalty_weight"):
+        name = f"{prefix}/{key}"
+        if name not in storage.histories():
+            continue
+        values = [(int(it), float(v)) for v, it in storage.history(name).values()]
+        last = [v for _, v in values[-tail:]]
+        out[f"{key}_last20pct_mean"] = sum(last) / len(last)
+        out[f"{key}_last20pct_max"] = max(last)
+        out.setdefault("curves", {})[key] = values[:: max(1, len(values) // points)]
+    return out

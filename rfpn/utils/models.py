@@ -1,0 +1,38 @@
+"""Config plus weights to a model ready for evaluation, with one-line errors (for tools and tests)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+
+from .cli import UsageError, load_config
+
+__all__ = ["load_eval_model"]
+
+
+def load_eval_model(
+    config_file: str, weights: str, opts: Sequence[str] = (), meta_architecture: str | None = None
+) -> tuple[CfgNode, torch.nn.Module]:
+    """The checked config (file + ``KEY VALUE`` overrides), and its model with ``weights`` loaded, in eval mode.
+
+    Raises :class:`~rfpn.utils.cli.UsageError` for a bad config or a model of another
+    ``meta_architecture``, and ``FileNotFoundError`` naming the training command for missing weights.
+    """
+    cfg = load_config(config_file, opts)
+    if meta_architecture and cfg.MODEL.META_ARCHITECTURE != meta_architecture:
+        raise UsageError(
+            f"{config_file}: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}; this tool needs a "
+            f"{meta_architecture} config."
+        )
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"Weights {weights!r} do not exist; train the model first (tools/train_net.py --config-file {config_file})."
+        )
+    cfg.freeze()
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    return cfg, model.eval()
