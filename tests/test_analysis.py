@@ -24,31 +24,14 @@ from rfpn.analysis import (
 from rfpn.analysis import figures
 from rfpn.recurrent import HGRUCell, RecurrentDynamics
 from rfpn.recurrent.diagnostics import fixed_point_diagnostics, jacobian_spectral_norm
+from toy_cells import GainCell
 
 torch.set_num_threads(1)
 
 
-class AffineCell(nn.Module):
-    """``h' = a * h + x``: fixed point ``x / (1 - a)``, reached exactly at step 1 when ``a = 0``."""
-
-    def __init__(self, channels: int, a: float):
-        super().__init__()
-        self.channels = self.state_channels = channels
-        self.a = a
-
-    def init_state(self, x):
-        return torch.zeros_like(x)
-
-    def readout(self, state):
-        return state
-
-    def forward(self, x, h):
-        return self.a * h + x
-
-
 def test_distance_is_zero_at_an_exact_fixed_point():
     x = torch.rand(5, 2, 4, 4)
-    dyn = RecurrentDynamics(AffineCell(2, a=0.0), steps=3).eval()
+    dyn = RecurrentDynamics(GainCell(2, a=0.0), steps=3).eval()
     _, states = run_steps(dyn, x, 40)
     assert len(states) == 40
     d = state_distance(states, 3, 40)
@@ -59,7 +42,7 @@ def test_distance_is_zero_at_an_exact_fixed_point():
 def test_distance_matches_the_closed_form_of_a_contraction():
     # h_t = 2 x (1 - 0.5^t), so |h_T - h_N| = 2 |x| (0.5^N - 0.5^T).
     x = torch.rand(3, 2, 4, 4, dtype=torch.float64)
-    dyn = RecurrentDynamics(AffineCell(2, a=0.5), steps=4).eval()
+    dyn = RecurrentDynamics(GainCell(2, a=0.5), steps=4).eval()
     _, states = run_steps(dyn, x, 12)
     expected = 2 * x.flatten(1).norm(dim=1) * (0.5**4 - 0.5**12)
     torch.testing.assert_close(state_distance(states, 4, 12).double(), expected, rtol=1e-5, atol=1e-7)
@@ -110,7 +93,7 @@ def test_spectral_norm_estimate_matches_the_dense_jacobian():
 
 
 def test_fixed_point_diagnostics_on_a_known_contraction():
-    dyn = RecurrentDynamics(AffineCell(2, a=0.5), steps=30, grad="crbp", lcp_lambda=0.4)
+    dyn = RecurrentDynamics(GainCell(2, a=0.5), steps=30, grad="crbp", lcp_lambda=0.4)
     diag = fixed_point_diagnostics(dyn, torch.rand(2, 2, 3, 3), power_iters=5)
     # J = 0.5 I: spectral norm 0.5, column sums 0.5, LCP (0.5 - 0.4)^2.
     assert diag["spectral_norm"] == pytest.approx(0.5, abs=1e-5)

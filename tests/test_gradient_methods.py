@@ -23,6 +23,7 @@ from rfpn.recurrent import (
 )
 from rfpn.recurrent import methods as methods_module
 from test_recurrent_gradients import tiny_hgru
+from toy_cells import GainCell
 
 torch.set_num_threads(1)
 
@@ -216,28 +217,10 @@ def test_jacobian_penalty_trains_with_any_method_and_reports_its_loss():
         assert dyn.cell.w_exc.weight.grad is not None
 
 
-class GainCell(nn.Module):
-    """``h' = a . h + x`` per channel: ``1^T J = a``; five steps give ``x (1 + a + ... + a^4)``."""
-
-    def __init__(self, channels: int = 3):
-        super().__init__()
-        self.a = nn.Parameter(torch.full((channels,), 0.5))
-        self.channels = self.state_channels = channels
-
-    def init_state(self, x):
-        return torch.zeros_like(x)
-
-    def readout(self, state):
-        return state
-
-    def forward(self, x, h):
-        return self.a * h + x
-
-
 def _train_gain(penalty: PenaltyOptions, iters: int = 800) -> tuple[RecurrentDynamics, list[float], list[float]]:
     """Fit ``h_5 = 10 x``: the unconstrained optimum is a gain of about 1.45 (expansive)."""
     torch.manual_seed(0)
-    dyn = RecurrentDynamics(GainCell(), steps=5, grad="cbptt", penalty_options=penalty).train()
+    dyn = RecurrentDynamics(GainCell(3, per_channel=True), steps=5, grad="cbptt", penalty_options=penalty).train()
     opt = torch.optim.Adam(dyn.parameters(), lr=0.02)
     gains, weights = [], []
     for _ in range(iters):
@@ -260,7 +243,9 @@ def test_automatic_weight_holds_the_contraction_constraint_where_a_small_fixed_w
     assert max(auto_gains[-tail:]) <= lam + 0.02
     assert min(fixed_gains[-tail:]) > lam + 0.2
     assert weights[-1] > 1e-3 * 100, "the multiplier must have grown while the constraint was violated"
-    restored = RecurrentDynamics(GainCell(), steps=5, grad="cbptt", penalty_options=PenaltyOptions(auto=True))
+    restored = RecurrentDynamics(
+        GainCell(3, per_channel=True), steps=5, grad="cbptt", penalty_options=PenaltyOptions(auto=True)
+    )
     restored.load_state_dict(dyn.state_dict())
     assert "auto_penalty_weight" in dyn.state_dict()
     assert restored.penalty_weight == dyn.penalty_weight != 1.0
@@ -279,7 +264,8 @@ def test_dual_ascent_step_grows_shrinks_and_stays_bounded():
 
 
 def test_the_weight_does_not_move_outside_training():
-    dyn = RecurrentDynamics(GainCell(), steps=5, grad="cbptt", penalty_options=PenaltyOptions(weight=2.0, auto=True))
+    penalty = PenaltyOptions(weight=2.0, auto=True)
+    dyn = RecurrentDynamics(GainCell(3, per_channel=True), steps=5, grad="cbptt", penalty_options=penalty)
     dyn.eval()
     with torch.no_grad():
         dyn(torch.rand(2, 3))
@@ -385,9 +371,9 @@ def test_config_reaches_the_option_groups():
 
 def test_flat_keywords_and_groups_are_not_mixed():
     with pytest.raises(TypeError, match="either penalty_options=PenaltyOptions"):
-        RecurrentDynamics(GainCell(), steps=2, penalty_options=PenaltyOptions(), lcp_lambda=0.5)
+        RecurrentDynamics(GainCell(3, per_channel=True), steps=2, penalty_options=PenaltyOptions(), lcp_lambda=0.5)
     with pytest.raises(TypeError, match="unexpected keyword argument 'neuman_steps'"):
-        RecurrentDynamics(GainCell(), steps=2, neuman_steps=3)
+        RecurrentDynamics(GainCell(3, per_channel=True), steps=2, neuman_steps=3)
 
 
 def test_gradient_agreement_scores_exact_methods_near_one_and_jfb_below():

@@ -8,29 +8,12 @@ from torch import nn
 
 from rfpn.recurrent import ConvLSTMCell, HGRUCell, RecurrentDynamics, column_sums, lcp_penalty
 from rfpn.recurrent.memory import saved_tensor_bytes
-
-
-class ScaledCell(nn.Module):
-    """F(x, h) = a * h + x: every column sum of the Jacobian is exactly ``a``."""
-
-    def __init__(self, a: float, channels: int = 2):
-        super().__init__()
-        self.a = nn.Parameter(torch.tensor(a))
-        self.channels = self.state_channels = channels
-
-    def init_state(self, x):
-        return torch.zeros_like(x)
-
-    def readout(self, h):
-        return h
-
-    def forward(self, x, h):
-        return self.a * h + x
+from toy_cells import GainCell
 
 
 @pytest.mark.parametrize("a, expected", [(0.5, 0.0), (0.89, 0.0), (0.95, 0.05**2), (1.3, 0.4**2)])
 def test_lcp_matches_hand_computed_values(a, expected):
-    cell = ScaledCell(a)
+    cell = GainCell(a=a)
     h = torch.rand(2, 2, 3, 3, requires_grad=True)
     out = cell(torch.rand_like(h), h)
     assert torch.allclose(column_sums(out, h), torch.full_like(h, a))
@@ -119,7 +102,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_non_finite_state_names_the_step():
-    cell = ScaledCell(1.0)
+    cell = GainCell(a=1.0)
     x = torch.full((1, 2, 2, 2), 1e38)
     for grad in ("bptt", "rbp"):
         with pytest.raises(FloatingPointError, match="step 4 of 6"):

@@ -15,7 +15,15 @@ from .diagnostics import SpectralNormEstimate, capture_last_step, fixed_point_di
 from .dynamics import RecurrentDynamics, validate_settings
 from .gradients import BackwardStats, anderson_adjoint_solve, attach_implicit_backward, neumann_solve
 from .memory import SavedTensorCounter, saved_tensor_bytes
-from .methods import GRADS, GradientMethod, RecordedStep, presolve, register_gradient_method, resolve_gradient_method
+from .methods import (
+    GRADS,
+    GradientMethod,
+    RecordedStep,
+    presolve,
+    register_gradient_method,
+    resolve_gradient_method,
+    solve_then_step,
+)
 from .options import BACKWARD_SOLVERS, PENALTIES, SOLVERS, BackwardOptions, ForwardOptions, PenaltyOptions
 from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_penalty
 from .solvers import AndersonMixer, SolverResult, relative_residual, solve_fixed_point
@@ -57,5 +65,6 @@ __all__ = [
     "resolve_gradient_method",
     "saved_tensor_bytes",
     "solve_fixed_point",
+    "solve_then_step",
     "validate_settings",
 ]

@@ -1,15 +1,7 @@
 """Gradient methods: how a training pass of the dynamics records the graph that back-propagation uses.
 
-A method is one class with a ``train`` method and one registration::
-
-    @register_gradient_method
-    class JacobianFree(GradientMethod):
-        name = "jfb"
-        def train(self, run, x, state, n, tol):
-            state, solve = presolve(run, x, state, n - 1, n, tol, recorded=1)
-            h_in = state.detach().requires_grad_()
-            f_out = run.step(x, h_in, solve.evals + 1, n)
-            return RecordedStep(h_in, f_out, f_out, solve.finish(1))
+A method is one class with a ``train`` method and one ``@register_gradient_method``
+(:class:`JacobianFreeBackprop` below is the shortest example).
 
 Every registered name also exists with a ``c`` prefix (``crbp``, ``cjfb``, ...): the same
 method with the Lipschitz Coefficient Penalty switched on by default, as the paper names
@@ -180,7 +172,7 @@ class BackpropThroughTime(GradientMethod):
         return RecordedStep(result.state, result.image, result.image, info)
 
 
-def _one_recorded_step(run: DynamicsRun, x, state, n, tol) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+def solve_then_step(run: DynamicsRun, x, state, n, tol) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
     """Solve without a graph for ``n - 1`` evaluations, then one step from a detached leaf."""
     state, solve = presolve(run, x, state, n - 1, n, tol, recorded=1)
     h_in = state.detach().requires_grad_()
@@ -197,7 +189,7 @@ class RecurrentBackprop(GradientMethod):
     implicit = True
 
     def train(self, run, x, state, n, tol):
-        h_in, f_out, solve = _one_recorded_step(run, x, state, n, tol)
+        h_in, f_out, solve = solve_then_step(run, x, state, n, tol)
         return RecordedStep(h_in, f_out, run.implicit_backward(f_out, h_in), solve)
 
 
@@ -208,7 +200,7 @@ class JacobianFreeBackprop(GradientMethod):
     name = "jfb"
 
     def train(self, run, x, state, n, tol):
-        h_in, f_out, solve = _one_recorded_step(run, x, state, n, tol)
+        h_in, f_out, solve = solve_then_step(run, x, state, n, tol)
         return RecordedStep(h_in, f_out, f_out, solve)
 
 
