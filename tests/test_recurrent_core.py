@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from rfpn.recurrent import ConvLSTMCell, HGRUCell, RecurrentDynamics, column_sums, lcp_penalty
 from rfpn.recurrent.memory import saved_tensor_bytes
