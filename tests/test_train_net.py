@@ -83,6 +83,23 @@ def test_train_then_eval_only(tiny_pathfinder, tmp_path, grad):
     assert again["pathfinder"]["pixel_acc"] == pytest.approx(results["pathfinder"]["pixel_acc"])
 
 
+def test_automatic_lcp_weight_is_logged_checkpointed_and_resumed(tiny_pathfinder, tmp_path):
+    import json
+
+    import torch
+
+    auto = ("MODEL.RECURRENT.GRAD", "cjfb", "MODEL.RECURRENT.LCP_WEIGHT_AUTO", "True", "MODEL.RECURRENT.LCP_WEIGHT", "1.0")
+    train_net.main(_args(tmp_path, *auto))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert any("recurrent/penalty_weight" in r and "recurrent/max_column_sum" in r for r in rows)
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    weight = float(saved["core.auto_penalty_weight"])
+    assert weight != 1.0, "three iterations of dual ascent move the weight"
+    trainer = Trainer(train_net.setup(_args(tmp_path, *auto, "SOLVER.MAX_ITER", "4", resume=True)))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 3 and trainer.model.core.penalty_weight == pytest.approx(weight)
+
+
 def test_per_step_iou_and_feedforward(tiny_pathfinder, tmp_path):
     results = train_net.main(
         _args(tmp_path, "MODEL.PATHFINDER.CORE", "feedforward", "MODEL.PATHFINDER.RETURN_STEPS", "True")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Pathfinder benchmark of the gradient methods at CPU scale (a documented command, not a test).
 
-Trains BPTT, C-BPTT, RBP, C-RBP and the feed-forward control with the same budget (iterations,
-batch, data) and reports for each: test IoU (pooled contour IoU), recurrent steps, training memory
+Trains BPTT, C-BPTT, RBP, C-RBP, the feed-forward control and the other gradient methods (JFB,
+phantom gradients and their LCP variants, C-RBP with the automatic LCP weight) with the same budget
+(iterations, batch, data) and reports for each: test IoU (pooled contour IoU), recurrent steps, training memory
 (bytes autograd saves for backward in one training iteration, counted with
 ``rfpn.recurrent.saved_tensor_bytes``), and seconds per training iteration. Then it tests the
 BPTT and C-RBP models, trained on the short contours, on longer ones (generalisation).
@@ -54,6 +55,8 @@ METHODS = {
     "FF control": "pfcpu9_ff_control.yaml",
     "JFB": "pfcpu9_hgru_jfb.yaml",
     "Phantom": "pfcpu9_hgru_phantom.yaml",
+    "C-JFB": "pfcpu9_hgru_cjfb.yaml",
+    "C-Phantom": "pfcpu9_hgru_cphantom.yaml",
     "C-RBP auto": "pfcpu9_hgru_crbp_auto.yaml",
 }
 GENERALISATION_METHODS = ("BPTT", "C-RBP")

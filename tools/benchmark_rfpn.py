@@ -58,6 +58,8 @@ MODELS = {
     "crbp20auto": ("R-FPN C-RBP-20, automatic LCP weight", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20_auto.yaml"),
 }
 DATASET_NAME = "synthetic_panoptic_bench"
+# (model, baseline) pairs whose PQ difference is reported, paired by seed, when both ran
+COMPARISONS = (("crbp20", "fpn"), ("crbp20auto", "crbp20"))
 
 
 class IterationClock(HookBase):
@@ -312,6 +314,7 @@ def payload(args: argparse.Namespace, rows: list[dict], sweep: list[dict]) -> di
         "models": rows,
         "memory_sweep": sweep,
         "pq_difference": paired_pq_difference(rows),
+        "pq_differences": [d for m, b in COMPARISONS if (d := paired_pq_difference(rows, m, b)) is not None],
     }
 
 
@@ -361,12 +364,13 @@ def format_table(rows: list[dict], sweep: list[dict]) -> str:
                 f"| {r['PQ_st']:.1f} | {fmt(r['mask_AP'])} | {fmt(r['mIoU'])} | {r['sec_per_iter']:.2f} "
                 f"| {r['mask_head_bytes_per_roi'] / 1024:.0f} |"
             )
-        diff = paired_pq_difference(rows)
-        if diff is not None:
-            lines.append(
-                f"\nPQ of R-FPN C-RBP-20 minus Panoptic FPN, paired by seed ({len(diff['seeds'])} seeds): "
-                f"{diff['mean']:+.2f} (95% CI {diff['ci95'][0]:+.2f} to {diff['ci95'][1]:+.2f})"
-            )
+        for model, baseline in COMPARISONS:
+            diff = paired_pq_difference(rows, model, baseline)
+            if diff is not None:
+                lines.append(
+                    f"\nPQ of {MODELS[model][0]} minus {MODELS[baseline][0]}, paired by seed ({len(diff['seeds'])} "
+                    f"seeds): {diff['mean']:+.2f} (95% CI {diff['ci95'][0]:+.2f} to {diff['ci95'][1]:+.2f})"
+                )
     if sweep:
         steps = sorted({r["steps"] for r in sweep})
         lines += ["", "| mask-head MB saved for backward | " + " | ".join(f"{s} steps" for s in steps) + " |"]
