@@ -78,3 +78,24 @@ def test_two_cpu_processes_match_one_process_with_the_same_total_batch(tmp_path)
     for key, value in single.items():
         if value.is_floating_point():
             torch.testing.assert_close(multi[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def _sync_worker(rank: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    from rfpn.engine.hooks import sync_penalty_weights
+    from rfpn.recurrent import HGRUCell, PenaltyOptions, RecurrentDynamics
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        dyn = RecurrentDynamics(HGRUCell(2, 3), steps=2, penalty_options=PenaltyOptions(weight=1.0 + rank, auto=True))
+        sync_penalty_weights([dyn])
+        assert dyn.penalty_weight == 2.0, dyn.penalty_weight
+    finally:
+        dist.destroy_process_group()
+
+
+def test_automatic_penalty_weights_agree_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)

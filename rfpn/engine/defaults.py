@@ -11,6 +11,8 @@ Differences from ``DefaultTrainer`` (everything else, including ``--resume``, is
 - checkpoints are written atomically (:class:`AtomicCheckpointer`), so a run killed at any moment
   resumes from its last complete checkpoint;
 - :class:`~rfpn.engine.hooks.BackwardCapHook` logs how often an implicit backward hit its norm cap;
+- with several processes, :class:`~rfpn.engine.hooks.PenaltyWeightSyncHook` keeps the automatic LCP
+  weights (``MODEL.RECURRENT.LCP_WEIGHT_AUTO``) equal on every rank;
 - a multi-process run ends by checking that every rank holds the same weights.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ from detectron2.utils.logger import setup_logger
 from rfpn.config import validate_training_safety_config
 
 from .ddp import check_replicas_in_sync, create_ddp_model
-from .hooks import BackwardCapHook, find_dynamics
+from .hooks import BackwardCapHook, PenaltyWeightSyncHook, find_dynamics
 from .train_loop import NonFiniteGuardTrainer
 
 __all__ = ["AtomicCheckpointer", "ResilientTrainer"]
@@ -117,8 +119,11 @@ class ResilientTrainer(DefaultTrainer):
         First, so that the checkpointer and the writers that follow see this step's count.
         """
         hooks = super().build_hooks()
-        if find_dynamics(self.model):
+        dynamics = find_dynamics(self.model)
+        if dynamics:
             hooks.insert(0, BackwardCapHook())
+        if comm.get_world_size() > 1 and any(d.penalty_options.auto for d in dynamics.values()):
+            hooks.insert(0, PenaltyWeightSyncHook())
         return hooks
 
     def train(self):

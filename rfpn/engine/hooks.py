@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from detectron2.engine import HookBase
+from detectron2.utils import comm
 
 from rfpn.recurrent import RecurrentDynamics
 
-__all__ = ["BackwardCapHook", "find_dynamics"]
+__all__ = ["BackwardCapHook", "PenaltyWeightSyncHook", "find_dynamics", "sync_penalty_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +67,27 @@ class BackwardCapHook(HookBase):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._offset = int(state_dict.get("cap_hits", 0))
+
+
+def sync_penalty_weights(dynamics: list[RecurrentDynamics]) -> None:
+    """Set every rank's automatic penalty weights to their maximum over the ranks (a collective).
+
+    Each rank adapts its weight to the constraint measured on its own batch; taking the largest
+    keeps the ranks identical and the constraint held on all of them. No-op in one process.
+    """
+    if comm.get_world_size() == 1 or not dynamics:
+        return
+    weights = torch.stack([d.auto_penalty_weight for d in dynamics])
+    dist.all_reduce(weights, op=dist.ReduceOp.MAX)
+    for d, w in zip(dynamics, weights):
+        d.auto_penalty_weight.copy_(w)
+
+
+class PenaltyWeightSyncHook(HookBase):
+    """After every step, :func:`sync_penalty_weights` over the model's dynamics with ``LCP_WEIGHT_AUTO``."""
+
+    def before_train(self) -> None:
+        self._dynamics = [d for d in find_dynamics(self.trainer.model).values() if d.penalty_options.auto]
+
+    def after_step(self) -> None:
+        sync_penalty_weights(self._dynamics)
