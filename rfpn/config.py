@@ -16,6 +16,7 @@ from rfpn.recurrent.options import config_names
 
 CELLS = ("hgru", "convlstm")
 NONFINITE_MODES = ("raise", "skip")
+AMP_PRECISIONS = ("", "bf16", "fp16")
 PATHFINDER_CORES = ("recurrent", "feedforward")
 OPTIMIZERS = ("SGD", "ADAM", "ADAMW")
 
@@ -86,7 +87,10 @@ def add_rfpn_mask_head_config(cfg: CN) -> None:
 
 
 def add_training_safety_config(cfg: CN) -> None:
-    """Keys of rfpn's trainer (``ResilientTrainer``) for divergence handling."""
+    """Keys of rfpn's trainer (``ResilientTrainer``) for divergence handling and mixed precision."""
+    # with SOLVER.AMP.ENABLED: "" (bf16 on the CPU, fp16 with a gradient scaler on CUDA), "bf16" or "fp16";
+    # training and inference (evaluation, --eval-only) use it alike
+    cfg.SOLVER.AMP.PRECISION = ""
     cfg.SOLVER.NONFINITE = "raise"  # NaN/inf loss, recurrent state or gradient: "raise" (stop, naming iteration + term) or "skip" (drop the batch, count it)
 
 
@@ -116,6 +120,7 @@ def _require_choice(name: str, value, allowed) -> None:
 def validate_training_safety_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key and the allowed values for a bad divergence-handling setting."""
     _require_choice("SOLVER.NONFINITE", cfg.SOLVER.NONFINITE, NONFINITE_MODES)
+    _require_choice("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION, AMP_PRECISIONS)
 
 
 @dataclass

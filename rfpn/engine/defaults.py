@@ -6,8 +6,9 @@ Differences from ``DefaultTrainer`` (everything else, including ``--resume``, is
   works on the CPU (GLOO) as well as on GPUs (NCCL);
 - the step runs in :class:`~rfpn.engine.train_loop.NonFiniteGuardTrainer`, which stops with a
   message naming the iteration and the failing loss term / recurrent step / parameter, or skips
-  the batch, as ``SOLVER.NONFINITE`` says (with ``SOLVER.AMP.ENABLED`` Detectron2's
-  ``AMPTrainer`` runs instead: its gradient scaler already skips non-finite steps);
+  the batch, as ``SOLVER.NONFINITE`` says;
+- ``SOLVER.AMP.ENABLED`` works on the CPU too (bf16 autocast; ``SOLVER.AMP.PRECISION``, see
+  :mod:`rfpn.engine.amp`), in training and in evaluation (Detectron2's ``AMPTrainer`` needs CUDA);
 - checkpoints are written atomically (:class:`AtomicCheckpointer`), so a run killed at any moment
   resumes from its last complete checkpoint;
 - :class:`~rfpn.engine.hooks.BackwardCapHook` logs how often an implicit backward hit its norm cap;
@@ -25,12 +26,13 @@ from typing import Any
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, TrainerBase
+from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from rfpn.config import validate_training_safety_config
 
+from .amp import resolve_precision
 from .ddp import check_replicas_in_sync, create_ddp_model
 from .hooks import BackwardCapHook, PenaltyWeightSyncHook, find_dynamics
 from .train_loop import NonFiniteGuardTrainer
@@ -100,10 +102,9 @@ class ResilientTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
 
         model = create_ddp_model(model, broadcast_buffers=False)
-        if cfg.SOLVER.AMP.ENABLED:
-            self._trainer = AMPTrainer(model, data_loader, optimizer)
-        else:
-            self._trainer = NonFiniteGuardTrainer(model, data_loader, optimizer, nonfinite=cfg.SOLVER.NONFINITE)
+        self._trainer = NonFiniteGuardTrainer(
+            model, data_loader, optimizer, nonfinite=cfg.SOLVER.NONFINITE, precision=resolve_precision(cfg)
+        )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -125,6 +126,12 @@ class ResilientTrainer(DefaultTrainer):
         if comm.get_world_size() > 1 and any(d.penalty_options.auto for d in dynamics.values()):
             hooks.insert(0, PenaltyWeightSyncHook())
         return hooks
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
+        """Detectron2's evaluation, under the autocast of ``SOLVER.AMP`` (full precision when it is off)."""
+        with resolve_precision(cfg).autocast():
+            return super().test(cfg, model, evaluators)
 
     def train(self):
         """Detectron2's training loop; then, with several processes, check the replicas stayed identical."""

@@ -10,6 +10,11 @@ checked before the weights change:
 2. every loss term;
 3. after ``backward``, every gradient (an implicit backward can fail on a finite loss).
 
+With mixed precision (``precision``, :mod:`rfpn.engine.amp`) the forward pass runs under autocast;
+for fp16 a gradient scaler scales the loss, and a step whose unscaled gradients overflow is
+skipped by the scaler (which lowers its scale) and counted as ``amp/overflow_steps``, not as
+divergence: fp16 overflow is the scaler's normal way of finding its scale.
+
 ``nonfinite="raise"`` stops training with a ``FloatingPointError`` naming the iteration and the
 loss term, recurrent step or parameter. ``nonfinite="skip"`` drops the batch instead: no optimizer
 step, a warning in the log, and the running count ``nonfinite/skipped_batches`` in the event
@@ -31,6 +36,8 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from rfpn.config import NONFINITE_MODES
+
+from .amp import Precision
 
 __all__ = ["NonFiniteGuardTrainer"]
 
@@ -69,15 +76,21 @@ class NonFiniteGuardTrainer(SimpleTrainer):
     Args:
         model, data_loader, optimizer, kwargs: as for ``SimpleTrainer``.
         nonfinite: ``"raise"`` (stop training) or ``"skip"`` (drop the batch, count it).
+        precision: the arithmetic (default full precision); fp16 brings a gradient scaler.
+        grad_scaler: the scaler to use for fp16 (default: ``precision.grad_scaler()``).
     """
 
     def __init__(self, model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer,
-                 nonfinite: str = "raise", **kwargs: Any):
+                 nonfinite: str = "raise", precision: Precision | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None, **kwargs: Any):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not valid; allowed values: {', '.join(NONFINITE_MODES)}.")
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.nonfinite = nonfinite
         self.skipped_batches = 0
+        self.precision = precision or Precision(next(model.parameters()).device.type)
+        self.grad_scaler = grad_scaler or self.precision.grad_scaler()
+        self.overflow_steps = 0
 
     def run_step(self) -> None:
         assert self.model.training, "[NonFiniteGuardTrainer] model was changed to eval mode!"
@@ -88,7 +101,8 @@ class NonFiniteGuardTrainer(SimpleTrainer):
 
         problem = None
         try:
-            loss_dict = self.model(data)
+            with self.precision.autocast():
+                loss_dict = self.model(data)
         except FloatingPointError as e:  # the recurrent core names the step whose state diverged
             loss_dict, problem = None, f"the forward pass failed: {e}"
         if loss_dict is not None:
@@ -101,9 +115,18 @@ class NonFiniteGuardTrainer(SimpleTrainer):
             self._handle(problem or "another rank met a non-finite loss or state")
             return
 
-        sum(loss_dict.values()).backward()
+        losses = sum(loss_dict.values())
+        (self.grad_scaler.scale(losses) if self.grad_scaler else losses).backward()
         self.after_backward()
+        if self.grad_scaler:
+            self.grad_scaler.unscale_(self.optimizer)
         bad = _nonfinite_grads(self.model)
+        if bad and self.grad_scaler:  # fp16 overflow: the scaler skips the step and lowers its scale
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+            self.overflow_steps += 1
+            get_event_storage().put_scalar("amp/overflow_steps", self.overflow_steps, smoothing_hint=False)
+            return
         if bad:  # DDP has averaged the gradients: every rank sees the same ones and decides alike
             self._handle(f"non-finite gradient of {', '.join(bad)} after a finite loss")
             return
@@ -112,7 +135,12 @@ class NonFiniteGuardTrainer(SimpleTrainer):
             self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time, iter=self.iter)
         else:
             self._write_metrics(loss_dict, data_time)
-        self.optimizer.step()
+        if self.grad_scaler:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+            get_event_storage().put_scalar("amp/loss_scale", self.grad_scaler.get_scale(), smoothing_hint=False)
+        else:
+            self.optimizer.step()
 
     def _any_rank_failed(self, failed: bool) -> bool:
         """``failed`` of this rank, OR-ed over all ranks in ``skip`` mode (``raise`` mode stops locally)."""
@@ -136,8 +164,14 @@ class NonFiniteGuardTrainer(SimpleTrainer):
     def state_dict(self) -> dict:
         ret = super().state_dict()
         ret["skipped_batches"] = self.skipped_batches
+        ret["overflow_steps"] = self.overflow_steps
+        if self.grad_scaler:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
         return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.skipped_batches = state_dict.get("skipped_batches", 0)
+        self.overflow_steps = state_dict.get("overflow_steps", 0)
+        if self.grad_scaler and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

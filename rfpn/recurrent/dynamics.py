@@ -48,7 +48,7 @@ from .options import (
 from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_from_column_sums
 from .solvers import SolverResult, check_finite, relative_residual, solve_fixed_point
 
-__all__ = ["GRADS", "RecurrentDynamics", "validate_settings"]
+__all__ = ["GRADS", "RecurrentDynamics", "state_dtype", "validate_settings"]
 
 
 def validate_settings(
@@ -93,6 +93,17 @@ def validate_settings(
     return method, kind
 
 
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the recurrent state is kept in: at least float32.
+
+    Under autocast the cell's convolutions run in bf16/fp16, but the state between steps, the
+    residuals the solvers stop on, the Neumann/Anderson backward accumulations (VJPs with respect
+    to this state) and the penalty's column sums stay in float32: bf16 keeps about 3 significant
+    digits, too few for a relative-residual tolerance of 1e-3 or a Neumann sum of 15 terms.
+    """
+    return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+
+
 def _mean_abs_update(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Per-sample mean absolute change between two states, shape (B,)."""
     return (new.detach() - old.detach()).abs().flatten(1).mean(1)
@@ -121,7 +132,7 @@ class _TrainingRun:
         self.penalty_active = dynamics.penalty_kind != "none"
 
     def step(self, x: torch.Tensor, h: torch.Tensor, t: int, total: int, record: bool = True) -> torch.Tensor:
-        out = self.dynamics.cell(x, h)
+        out = self.dynamics.evaluate(x, h)
         check_finite(out, t, total)
         if record:
             self.record(out)
@@ -252,7 +263,7 @@ class RecurrentDynamics(nn.Module):
         fixed solver's inference early stop; ``tol`` the relative-residual tolerance.
         """
         tol = self.tol if tol is None else tol
-        state = self.cell.init_state(x) if h0 is None else h0
+        state = (self.cell.init_state(x) if h0 is None else h0).to(state_dtype(x))
         expected = self.cell.init_state(x[:1]).shape[1:]
         if state.shape[0] != x.shape[0] or state.shape[1:] != expected:
             raise ValueError(
@@ -270,6 +281,11 @@ class RecurrentDynamics(nn.Module):
             return self._run_inference(x, state, n, self.eps if eps is None else eps, return_states, tol)
         cap = self.max_steps if steps is None else steps
         return self._run_solver_inference(x, state, cap, return_states, tol, solver)
+
+    def evaluate(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """One step of the cell, its output kept in the state's dtype (see :func:`state_dtype`)."""
+        out = self.cell(x, h)
+        return out if out.dtype == h.dtype else out.to(h.dtype)
 
     def _train(self, x, state, n, return_states, tol):
         """Let the gradient method record its graph, then add the penalty and adapt its weight."""
@@ -338,7 +354,7 @@ class RecurrentDynamics(nn.Module):
 
     def _solve(self, x, state, cap, tol, states, solver=None) -> SolverResult:
         return solve_fixed_point(
-            lambda h: self.cell(x, h),
+            lambda h: self.evaluate(x, h),
             state,
             solver or self.solver,
             tol,
@@ -378,7 +394,7 @@ class RecurrentDynamics(nn.Module):
         relative = x.new_zeros(batch)
         t = 0
         for t in range(1, n + 1):
-            new = self.cell(x, state)
+            new = self.evaluate(x, state)
             check_finite(new, t, n)
             update = _mean_abs_update(new, state)
             active = ~done

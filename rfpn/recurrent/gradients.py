@@ -28,7 +28,8 @@ class BackwardStats:
     """What the last implicit backward solve did.
 
     ``terms``: vector-Jacobian products used (Neumann terms or solver iterations);
-    ``stop_reason``: why it stopped; ``cap_hits``: how many backward solves so far ended on
+    ``stop_reason``: why it stopped (``"input_not_finite"``: the incoming gradient already held
+    NaN/inf, as after an fp16 loss-scale overflow; passed on untouched, not a cap hit); ``cap_hits``: how many backward solves so far ended on
     a safeguard (norm cap, non-finite, divergence; for ``anderson`` also the iteration
     cap); ``solver``: ``"neumann"`` or ``"anderson"``; ``residual``: for ``anderson`` the
     relative residual ``|(I - J^T) u - g| / |g|`` of the returned ``u`` (not measured for
@@ -146,6 +147,9 @@ def attach_implicit_backward(
         return out
 
     def replace_gradient(g: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(g.sum()):  # an fp16 loss scale overflowed upstream: the scaler skips this step
+            stats.terms, stats.stop_reason, stats.solver, stats.residual = 0, "input_not_finite", options.solver, math.nan
+            return g
         if options.solver == "neumann":
             u, terms, reason = neumann_solve(vjp, g, options.neumann_steps, options.norm_cap, options.neumann_tol)
             residual, failed = math.nan, reason in ("norm_cap", "non_finite")

@@ -97,8 +97,13 @@ class AndersonMixer:
         """Next iterate from the current one ``x`` and its image ``fx`` (both ``(B, D)``).
 
         Each call reads the history a few times (Gram row and right-hand side in one
-        product, the extrapolation in two) and keeps the small Gram matrix up to date.
+        product, the extrapolation in two) and keeps the small Gram matrix up to date. The
+        products run in the iterates' dtype even under autocast (the fit needs float32).
         """
+        with torch.autocast(x.device.type, enabled=False):
+            return self._step(x, fx)
+
+    def _step(self, x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
         g = fx - x
         plain = x + self.beta * g
         if self.prev is None:

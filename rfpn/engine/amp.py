@@ -1,0 +1,92 @@
+"""Mixed precision for training and inference on the CPU (bf16) and on GPUs (fp16 or bf16).
+
+Detectron2's ``SOLVER.AMP.ENABLED`` switches mixed precision on; its ``AMPTrainer`` needs CUDA.
+rfpn reads the same key on any device and adds ``SOLVER.AMP.PRECISION``: ``""`` picks bf16 on
+the CPU (AMX/AVX-512-BF16 make it several times faster there) and fp16 on CUDA; ``"bf16"`` or
+``"fp16"`` choose explicitly. fp16 trains with a gradient scaler (overflowing steps are skipped and
+the scale lowered, as on GPUs); bf16 has fp32's exponent range and needs none.
+
+Under autocast only the operations autocast lists (convolutions, matrix products) run in reduced
+precision; the recurrent state, the solvers' residuals and the implicit backward stay in float32
+(:func:`rfpn.recurrent.dynamics.state_dtype`). Parameters and checkpoints stay float32.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from detectron2.config import CfgNode
+
+from rfpn.config import AMP_PRECISIONS
+
+__all__ = ["AMP_PRECISIONS", "Precision", "amp_supported", "resolve_precision"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic of a run: ``dtype`` None is full precision."""
+
+    device_type: str
+    dtype: torch.dtype | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for this precision, or a no-op context in full precision."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self, init_scale: float = 2.0**16) -> torch.amp.GradScaler | None:
+        """A gradient scaler for fp16 (None for bf16 and full precision)."""
+        if self.dtype != torch.float16:
+            return None
+        return torch.amp.GradScaler(self.device_type, init_scale=init_scale)
+
+
+def amp_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build and machine can autocast to ``dtype`` on ``device_type`` (and scale fp16)."""
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
+    try:
+        with torch.autocast(device_type, dtype=dtype):
+            probe = torch.nn.functional.linear(torch.ones(1, 2), torch.ones(2, 2))
+        if probe.dtype != dtype:
+            return False
+        if dtype == torch.float16:
+            torch.amp.GradScaler(device_type)
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    return True
+
+
+def resolve_precision(cfg: CfgNode) -> Precision:
+    """The :class:`Precision` that ``SOLVER.AMP`` asks for on ``MODEL.DEVICE``; ``ValueError`` naming the key if unsupported."""
+    device_type = torch.device(cfg.MODEL.DEVICE).type
+    name = cfg.SOLVER.AMP.PRECISION
+    if name not in AMP_PRECISIONS:
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION={name!r} is not valid; allowed values: '' (bf16 on the CPU, fp16 on CUDA), bf16, fp16."
+        )
+    if not cfg.SOLVER.AMP.ENABLED:
+        return Precision(device_type)
+    name = name or ("bf16" if device_type == "cpu" else "fp16")
+    dtype = _DTYPES[name]
+    if not amp_supported(device_type, dtype):
+        others = [n for n, d in _DTYPES.items() if d != dtype and amp_supported(device_type, d)]
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION={name!r} is not supported on MODEL.DEVICE={cfg.MODEL.DEVICE!r} by this machine and "
+            f"PyTorch; allowed values here: {', '.join(others) or 'none (set SOLVER.AMP.ENABLED False)'}."
+        )
+    return Precision(device_type, dtype)

@@ -1,0 +1,126 @@
+"""Mixed precision: every gradient method under bf16 autocast, the solvers' stops, bf16 training and
+fp32 checkpoints, the fp16 gradient scaler on the CPU, and the errors of SOLVER.AMP."""
+from __future__ import annotations
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.utils.events import EventStorage
+
+from rfpn.config import add_rfpn_config
+from rfpn.engine import amp
+from rfpn.engine.train_loop import NonFiniteGuardTrainer
+from rfpn.recurrent import GRADS, HGRUCell, RecurrentDynamics
+
+from test_divergence import TinyRecurrent, _batches
+from test_recurrent_gradients import tiny_hgru
+from test_train_net import _args, tiny_pathfinder, train_net  # noqa: F401 (fixture)
+
+BF16 = amp.Precision("cpu", torch.bfloat16)
+
+
+def _grads(dyn: RecurrentDynamics, x: torch.Tensor, weight: torch.Tensor, precision: amp.Precision) -> torch.Tensor:
+    dyn.zero_grad()
+    with precision.autocast():
+        h, aux = dyn.train()(x)
+        loss = (h * weight).mean() + aux["penalty_weight"] * aux["penalty"]
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in dyn.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("grad", list(GRADS))
+def test_every_method_keeps_its_gradient_under_bf16(grad):
+    torch.manual_seed(0)
+    cell = HGRUCell(channels=4, kernel_size=3, norm="gn", timesteps=6)
+    dyn = RecurrentDynamics(cell, steps=6, grad=grad, lcp_lambda=0.3, phantom_steps=2, penalty_weight=1.0)
+    x = torch.rand(2, 4, 8, 8) * 2
+    weight = torch.randn(2, 4, 8, 8)
+    full = _grads(dyn, x, weight, amp.Precision("cpu"))
+    half = _grads(dyn, x.clone(), weight, BF16)
+    cosine = float(torch.dot(full, half) / (full.norm() * half.norm()))
+    assert cosine >= 0.99, f"{grad}: cosine {cosine:.4f}"
+
+
+@pytest.mark.parametrize("solver", ["iterate", "anderson"])
+def test_solver_stops_agree_with_fp32_on_a_contractive_cell(solver):
+    cell = tiny_hgru("gn", scale=0.5).float()
+    x = torch.rand(2, 2, 6, 6)
+    dyn = RecurrentDynamics(cell, steps=3, grad="crbp", solver=solver, tol=1e-2, max_steps=60).eval()
+    with torch.no_grad():
+        _, full = dyn(x)
+        with BF16.autocast():
+            h, half = dyn(x)
+    assert h.dtype == torch.float32, "the state stays float32 under autocast"
+    assert half["solver_stop"] == full["solver_stop"] == "converged"
+    assert abs(half["steps"] - full["steps"]) <= 1
+    assert torch.equal(half["converged"], full["converged"])
+
+
+def test_implicit_backward_passes_an_overflowed_gradient_on_without_counting_a_cap_hit():
+    dyn = TinyRecurrent(grad="rbp").dynamics
+    x = torch.rand(2, 4, 6, 6)
+    h, _ = dyn.train()(x)
+    (h.sum() * float("inf")).backward()
+    assert dyn.backward_stats.stop_reason == "input_not_finite" and dyn.backward_stats.cap_hits == 0
+
+
+def test_fp16_scaler_skips_an_overflowing_step_without_calling_it_divergence():
+    torch.manual_seed(0)
+    model = TinyRecurrent(grad="crbp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    precision = amp.Precision("cpu", torch.float16)
+    scaler = precision.grad_scaler(init_scale=2.0**60)  # the first step overflows in fp16
+    trainer = NonFiniteGuardTrainer(model, _batches({}), optimizer, nonfinite="raise", precision=precision,
+                                    grad_scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    with EventStorage(0) as storage:
+        trainer.iter = 0
+        trainer.run_step()
+        assert trainer.overflow_steps == 1 and trainer.skipped_batches == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "a skipped step changes nothing"
+        assert scaler.get_scale() < 2.0**60
+        while scaler.get_scale() > 2.0**20:
+            trainer.iter += 1
+            trainer.run_step()
+        trainer.iter += 1
+        trainer.run_step()
+        assert "amp/loss_scale" in storage.histories()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "later steps train"
+    state = trainer.state_dict()
+    assert state["overflow_steps"] == trainer.overflow_steps and "grad_scaler" in state
+
+
+def _amp_cfg(**solver_amp):
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.SOLVER.AMP.ENABLED = True
+    for key, value in solver_amp.items():
+        cfg.SOLVER.AMP[key] = value
+    return cfg
+
+
+def test_precision_follows_the_device_and_the_key(monkeypatch):
+    assert amp.resolve_precision(_amp_cfg()).dtype == torch.bfloat16
+    assert amp.resolve_precision(_amp_cfg(PRECISION="fp16")).dtype == torch.float16
+    off = _amp_cfg()
+    off.SOLVER.AMP.ENABLED = False
+    assert not amp.resolve_precision(off).enabled
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION='fp32' is not valid; allowed values: ''"):
+        amp.resolve_precision(_amp_cfg(PRECISION="fp32"))
+    monkeypatch.setattr(amp, "amp_supported", lambda device, dtype: dtype == torch.bfloat16)
+    with pytest.raises(ValueError, match=r"SOLVER.AMP.PRECISION='fp16' is not supported on MODEL.DEVICE='cpu'.*bf16") as e:
+        amp.resolve_precision(_amp_cfg(PRECISION="fp16"))
+    assert "\n" not in str(e.value)
+
+
+def test_bf16_training_writes_an_fp32_checkpoint_that_evaluates_in_either_mode(tiny_pathfinder, tmp_path):  # noqa: F811
+    results = train_net.main(_args(tmp_path, "SOLVER.AMP.ENABLED", "True"))
+    assert 0.0 <= results["pathfinder"]["IoU"] <= 1.0
+    checkpoint = tmp_path / "model_final.pth"
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    assert all(t.dtype in (torch.float32, torch.float64, torch.int64) for t in weights.values())
+    full = train_net.main(_args(tmp_path, "MODEL.WEIGHTS", str(checkpoint), eval_only=True))
+    half = train_net.main(_args(tmp_path, "MODEL.WEIGHTS", str(checkpoint), "SOLVER.AMP.ENABLED", "True", eval_only=True))
+    assert half["pathfinder"]["IoU"] == pytest.approx(results["pathfinder"]["IoU"])
+    assert abs(full["pathfinder"]["IoU"] - half["pathfinder"]["IoU"]) < 0.05
