@@ -31,13 +31,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from rfpn.recurrent import GRADS
 
 METHODS = tuple(GRADS)
+PRECISIONS = ("fp32", "bf16")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_JSON = REPO_ROOT / "benchmarks" / "results" / "memory.json"
 DOCS_FIGURE = REPO_ROOT / "docs" / "figures" / "memory_vs_steps.png"
@@ -58,6 +59,7 @@ class BenchmarkSettings:
     penalty_weight: float = field(default=10.0, metadata={"help": "LCP weight in the loss"})
     phantom_steps: int = field(default=5, metadata={"help": "phantom/cphantom: damped steps with the graph"})
     phantom_tau: float = field(default=0.5, metadata={"help": "phantom/cphantom: damping tau"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16 (the forward under CPU autocast)"})
     threads: int = field(default=2, metadata={"help": "torch threads"})
     warmup: int = field(default=0, metadata={"help": "extra warm-up steps (the memory step already warms up)"})
     repeats: int = field(default=3, metadata={"help": "timed steps per point; the median is reported"})
@@ -74,6 +76,8 @@ class BenchmarkSettings:
             raise ValueError("--warmup, --neumann-steps and --time-budget must be >= 0.")
         if not 0.0 <= self.lcp_lambda < 1.0:
             raise ValueError(f"--lcp-lambda must lie in [0, 1); got {self.lcp_lambda}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")
         if self.norm not in ("bn", "gn", "none"):
             raise ValueError(f"--norm must be one of bn, gn, none; got {self.norm!r}.")
 
@@ -132,9 +136,10 @@ def build_step_model(settings: BenchmarkSettings, method: str, steps: int):
             self.head = nn.Conv2d(c, 2, 1)
 
         def forward(self, images, labels):
-            h, aux = self.dynamics(self.stem(images))
-            loss = nn.functional.cross_entropy(self.head(h), labels)
-            return loss + settings.penalty_weight * aux["penalty"], aux
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+                h, aux = self.dynamics(self.stem(images))
+                loss = nn.functional.cross_entropy(self.head(h), labels)
+                return loss + settings.penalty_weight * aux["penalty"], aux
 
     torch.manual_seed(settings.seed)
     return StepModel().train()
@@ -185,6 +190,7 @@ def measure_point(settings: BenchmarkSettings, method: str, steps: int) -> dict[
     point: dict[str, Any] = {
         "method": method,
         "steps": steps,
+        "precision": settings.precision,
         "saved_bytes": counter.forward_bytes,
         "saved_tensors": counter.tensors,
         "saved_mib": counter.forward_bytes / MIB,
@@ -247,8 +253,10 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _find(points: list[dict], method: str, steps: int) -> dict | None:
-    return next((p for p in points if p["method"] == method and p["steps"] == steps), None)
+def _find(points: list[dict], method: str, steps: int, precision: str = "fp32") -> dict | None:
+    return next(
+        (p for p in points if (p["method"], p["steps"], p.get("precision", "fp32")) == (method, steps, precision)), None
+    )
 
 
 def check_goals(points: list[dict]) -> dict[str, Any]:
@@ -268,27 +276,33 @@ def check_goals(points: list[dict]) -> dict[str, Any]:
     if crbp20 and jfb20:
         goals["jfb20_speedup_over_crbp20"] = crbp20["time_ms"] / jfb20["time_ms"]
         goals["jfb20_at_least_1.4x_faster_than_crbp20"] = goals["jfb20_speedup_over_crbp20"] >= 1.4
+    for p in points:
+        full = _find(points, p["method"], p["steps"]) if p.get("precision", "fp32") != "fp32" else None
+        if full:
+            name = f"{p['method']}{p['steps']}_{p['precision']}"
+            goals[f"{name}_speedup_over_fp32"] = full["time_ms"] / p["time_ms"]
+            goals[f"{name}_saved_bytes_over_fp32"] = p["saved_bytes"] / full["saved_bytes"]
     return goals
 
 
 def add_time_ratios(points: list[dict]) -> None:
     """``time_vs_bptt``: time over BPTT's at the same steps (timings on a shared CPU are noisy)."""
     for p in points:
-        ref = _find(points, "bptt", p["steps"])
+        ref = _find(points, "bptt", p["steps"], p.get("precision", "fp32"))
         p["time_vs_bptt"] = p["time_ms"] / ref["time_ms"] if ref else None
 
 
 def format_table(report: dict[str, Any]) -> str:
     """A markdown table: one row per (method, steps)."""
     rows = [
-        "| method | steps | saved for backward (MiB) | peak RSS increase (MiB) | ms / step | time vs BPTT |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | steps | precision | saved for backward (MiB) | peak RSS increase (MiB) | ms / step | time vs BPTT |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for p in report["points"]:
         ratio = f"{p['time_vs_bptt']:.2f}" if p.get("time_vs_bptt") is not None else "-"
         rows.append(
-            f"| {p['method']} | {p['steps']} | {p['saved_mib']:.1f} | {p['peak_rss_delta_mib']:.1f} "
-            f"| {p['time_ms']:.0f} | {ratio} |"
+            f"| {p['method']} | {p['steps']} | {p.get('precision', 'fp32')} | {p['saved_mib']:.1f} "
+            f"| {p['peak_rss_delta_mib']:.1f} | {p['time_ms']:.0f} | {ratio} |"
         )
     return "\n".join(rows)
 
@@ -308,9 +322,15 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (key, title) in zip(axes, panels):
         for method in METHODS:
-            pts = sorted((p for p in report["points"] if p["method"] == method), key=lambda p: p["steps"])
-            if pts:
-                ax.plot([p["steps"] for p in pts], [max(p[key], 1e-3) for p in pts], marker="o", label=method)
+            for precision in PRECISIONS:
+                pts = sorted(
+                    (p for p in report["points"] if (p["method"], p.get("precision", "fp32")) == (method, precision)),
+                    key=lambda p: p["steps"],
+                )
+                label = method if precision == "fp32" else f"{method} ({precision})"
+                if pts:
+                    ax.plot([p["steps"] for p in pts], [max(p[key], 1e-3) for p in pts], marker="o", label=label,
+                            linestyle="-" if precision == "fp32" else "--")
         ax.set_xscale("log")
         ax.set_xticks(sorted({p["steps"] for p in report["points"]}))
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
@@ -333,7 +353,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 
 def run_benchmark(
-    settings: BenchmarkSettings, grid: list[tuple[str, int]], output_dir: Path, in_process: bool = False
+    settings: BenchmarkSettings, grid: list[tuple], output_dir: Path, in_process: bool = False
 ) -> dict[str, Any]:
     """Measure every point of ``grid``, then write ``memory.json``, the PNG plot and ``table.md``.
 
@@ -347,12 +367,13 @@ def run_benchmark(
     points = []
     started = time.time()
     with tqdm(grid, desc="benchmark", unit="point") as bar:
-        for method, steps in bar:
-            bar.set_postfix_str(f"{method} steps={steps}")
+        for method, steps, *precision in bar:
+            point_settings = replace(settings, precision=precision[0]) if precision else settings
+            bar.set_postfix_str(f"{method} steps={steps} {point_settings.precision}")
             if in_process:
-                points.append(measure_point(settings, method, steps))
+                points.append(measure_point(point_settings, method, steps))
             else:
-                points.append(run_point_in_subprocess(settings, method, steps))
+                points.append(run_point_in_subprocess(point_settings, method, steps))
     if hasattr(os, "getloadavg"):
         info["load_average_at_end"] = list(os.getloadavg())
     add_time_ratios(points)
@@ -373,13 +394,17 @@ def run_benchmark(
     return report
 
 
-def make_grid(methods: list[str], steps: list[int], bptt_extra_steps: list[int]) -> list[tuple[str, int]]:
-    grid = []
+def make_grid(
+    methods: list[str], steps: list[int], bptt_extra_steps: list[int], precisions: list[str] | None = None
+) -> list[tuple]:
+    """``(method, steps)`` points, or ``(method, steps, precision)`` with ``precisions`` (interleaved per point)."""
+    grid: list[tuple] = []
     for method in methods:
         extra = bptt_extra_steps if method == "bptt" else []
-        grid += [(method, n) for n in sorted(set(steps) | set(extra))]
-    if any(n < 1 for _, n in grid):
-        raise ValueError(f"Every step count must be >= 1; got {sorted({n for _, n in grid})}.")
+        for n in sorted(set(steps) | set(extra)):
+            grid += [(method, n, p) for p in precisions] if precisions else [(method, n)]
+    if any(point[1] < 1 for point in grid):
+        raise ValueError(f"Every step count must be >= 1; got {sorted({point[1] for point in grid})}.")
     return grid
 
 
@@ -396,6 +421,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", type=type(default), default=default, help=f.metadata["help"]
         )
+    parser.add_argument(
+        "--precisions", nargs="+", choices=PRECISIONS,
+        help="measure every point in each of these precisions (ratios from one run); overrides --precision",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_memory"))
     parser.add_argument(
         "--copy-to-docs", action="store_true", help=f"also copy the JSON and PNG to {DOCS_JSON.parent} and {DOCS_FIGURE.parent}"
@@ -415,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--single needs --method and --point-steps.")
         print(json.dumps(measure_point(settings, args.method, args.point_steps)))
         return
-    grid = make_grid(args.methods, args.steps, args.bptt_extra_steps)
+    grid = make_grid(args.methods, args.steps, args.bptt_extra_steps, args.precisions)
     report = run_benchmark(settings, grid, args.output_dir)
     print(format_table(report))
     print(json.dumps(report["goals"], indent=1))
