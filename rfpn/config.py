@@ -91,6 +91,9 @@ def add_training_safety_config(cfg: CN) -> None:
     # with SOLVER.AMP.ENABLED: "" (bf16 on the CPU, fp16 with a gradient scaler on CUDA), "bf16" or "fp16";
     # training and inference (evaluation, --eval-only) use it alike
     cfg.SOLVER.AMP.PRECISION = ""
+    # load MODEL.WEIGHTS even when parameters are missing, unexpected or of another shape (warnings, as
+    # Detectron2 does); by default that is an error naming them. ImageNet/Caffe2 .pkl backbones always load partially
+    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
     cfg.SOLVER.NONFINITE = "raise"  # NaN/inf loss, recurrent state or gradient: "raise" (stop, naming iteration + term) or "skip" (drop the batch, count it)
 
 

@@ -16,8 +16,9 @@ machines: run the same command on each with ``--num-machines M``,
 """
 from __future__ import annotations
 
+import os
+
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -26,6 +27,7 @@ from detectron2.utils import comm
 import rfpn  # noqa: F401  (registers rfpn's models and datasets)
 from rfpn.config import validate_pathfinder_config, validate_recurrent_config, validate_training_safety_config
 from rfpn.engine import Trainer
+from rfpn.engine.checkpoint import CheckedCheckpointer
 from rfpn.engine.ddp import distributed_main
 from rfpn.utils.cli import UsageError, check_registered_datasets, load_config, run_cli
 
@@ -46,6 +48,13 @@ def checked_config(args) -> CfgNode:
     validators = [validate_recurrent_config, validate_pathfinder_config, validate_training_safety_config]
     cfg = load_config(args.config_file, args.opts, validators=validators)
     check_registered_datasets(cfg)
+    if args.eval_only and not cfg.MODEL.WEIGHTS and not getattr(args, "allow_random_weights", False):
+        last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+        if not (args.resume and os.path.isfile(last)):
+            raise UsageError(
+                "--eval-only needs weights: add MODEL.WEIGHTS <checkpoint> (or --resume with an OUTPUT_DIR that holds "
+                "one); pass --allow-random-weights to evaluate an untrained model on purpose."
+            )
     return cfg
 
 
@@ -85,7 +94,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = CheckedCheckpointer(model, save_dir=cfg.OUTPUT_DIR, partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -95,8 +105,16 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    """Detectron2's parser plus ``--allow-random-weights`` (``--eval-only`` of an untrained model)."""
+    parser = default_argument_parser()
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="with --eval-only: evaluate without MODEL.WEIGHTS (random initialisation)")
+    return parser
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     run_cli(check_and_launch, args)
 

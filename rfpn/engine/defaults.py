@@ -9,8 +9,9 @@ Differences from ``DefaultTrainer`` (everything else, including ``--resume``, is
   the batch, as ``SOLVER.NONFINITE`` says;
 - ``SOLVER.AMP.ENABLED`` works on the CPU too (bf16 autocast; ``SOLVER.AMP.PRECISION``, see
   :mod:`rfpn.engine.amp`), in training and in evaluation (Detectron2's ``AMPTrainer`` needs CUDA);
-- checkpoints are written atomically (:class:`AtomicCheckpointer`), so a run killed at any moment
-  resumes from its last complete checkpoint;
+- checkpoints are written atomically (:class:`~rfpn.engine.checkpoint.AtomicCheckpointer`), so a run
+  killed at any moment resumes from its last complete checkpoint, and weights load strictly (a file
+  that is missing, truncated or of another model is a one-line error; ``MODEL.ALLOW_PARTIAL_WEIGHTS``);
 - :class:`~rfpn.engine.hooks.BackwardCapHook` logs how often an implicit backward hit its norm cap;
 - with several processes, :class:`~rfpn.engine.hooks.PenaltyWeightSyncHook` keeps the automatic LCP
   weights (``MODEL.RECURRENT.LCP_WEIGHT_AUTO``) equal on every rank;
@@ -24,7 +25,6 @@ import weakref
 from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import DefaultTrainer, HookBase, TrainerBase
 from detectron2.utils import comm
@@ -33,54 +33,12 @@ from detectron2.utils.logger import setup_logger
 from rfpn.config import validate_training_safety_config
 
 from .amp import resolve_precision
+from .checkpoint import AtomicCheckpointer
 from .ddp import check_replicas_in_sync, create_ddp_model
 from .hooks import BackwardCapHook, PenaltyWeightSyncHook, find_dynamics
 from .train_loop import NonFiniteGuardTrainer
 
-__all__ = ["AtomicCheckpointer", "ResilientTrainer"]
-
-
-class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose files appear whole or not at all.
-
-    A process killed while saving (SIGKILL, out of memory, a pre-empted node) would leave a
-    truncated ``model_XXXXXXX.pth`` or an empty ``last_checkpoint``, and ``--resume`` would then
-    fail on it. Here both are written to a temporary file in the same folder and renamed into
-    place, and ``last_checkpoint`` is updated only after the checkpoint is complete.
-    """
-
-    def save(self, name: str, **kwargs: Any) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        if not os.path.isdir(self.save_dir):  # a remote path manager URI: no atomic rename there
-            return super().save(name, **kwargs)
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        self._atomic_write(save_file, lambda f: torch.save(data, f), "wb")
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if not os.path.isdir(self.save_dir):
-            return super().tag_last_checkpoint(last_filename_basename)
-        self._atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
-
-    @staticmethod
-    def _atomic_write(path: str, write, mode: str) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+__all__ = ["AtomicCheckpointer", "ResilientTrainer"]  # AtomicCheckpointer: re-exported from .checkpoint
 
 
 class ResilientTrainer(DefaultTrainer):
@@ -107,7 +65,9 @@ class ResilientTrainer(DefaultTrainer):
         )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(
+            model, cfg.OUTPUT_DIR, partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -5,9 +5,10 @@ import os
 from typing import Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
+
+from rfpn.engine.checkpoint import CheckedCheckpointer
 
 from .cli import UsageError, load_config
 
@@ -20,7 +21,8 @@ def load_eval_model(
     """The checked config (file + ``KEY VALUE`` overrides), and its model with ``weights`` loaded, in eval mode.
 
     Raises :class:`~rfpn.utils.cli.UsageError` for a bad config or a model of another
-    ``meta_architecture``, and ``FileNotFoundError`` naming the training command for missing weights.
+    ``meta_architecture``, ``FileNotFoundError`` naming the training command for missing weights, and
+    :class:`~rfpn.engine.checkpoint.CheckpointError` for weights that are unreadable or of another model.
     """
     cfg = load_config(config_file, opts)
     if meta_architecture and cfg.MODEL.META_ARCHITECTURE != meta_architecture:
@@ -34,5 +36,5 @@ def load_eval_model(
         )
     cfg.freeze()
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    CheckedCheckpointer(model, partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS).load(weights)
     return cfg, model.eval()
