@@ -95,6 +95,7 @@ def add_training_safety_config(cfg: CN) -> None:
     # Detectron2 does); by default that is an error naming them. ImageNet/Caffe2 .pkl backbones always load partially
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
     cfg.SOLVER.NONFINITE = "raise"  # NaN/inf loss, recurrent state or gradient: "raise" (stop, naming iteration + term) or "skip" (drop the batch, count it)
+    cfg.SOLVER.NONFINITE_MAX_FRACTION = 0.1  # with "skip": stop once more than this fraction of SOLVER.MAX_ITER batches were dropped
 
 
 def add_diagnostics_config(cfg: CN) -> None:
@@ -124,6 +125,46 @@ def validate_training_safety_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key and the allowed values for a bad divergence-handling setting."""
     _require_choice("SOLVER.NONFINITE", cfg.SOLVER.NONFINITE, NONFINITE_MODES)
     _require_choice("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION, AMP_PRECISIONS)
+    if not 0.0 <= cfg.SOLVER.NONFINITE_MAX_FRACTION <= 1.0:
+        raise ValueError(
+            f"SOLVER.NONFINITE_MAX_FRACTION={cfg.SOLVER.NONFINITE_MAX_FRACTION!r} is not valid; allowed values: a number in [0, 1]."
+        )
+
+
+def validate_run_config(cfg: CN, processes: int = 1, training: bool = True) -> None:
+    """Check the Detectron2 keys a run depends on, before any worker starts (``ValueError`` naming the key).
+
+    Batch sizes (and their divisibility by the ``processes`` that share them), iteration counts,
+    checkpoint and evaluation periods, LR milestones, the data-loader workers and the device.
+    """
+    import torch
+
+    s = cfg.SOLVER
+    checks = [
+        ("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, s.IMS_PER_BATCH >= 1, "an integer >= 1"),
+        ("SOLVER.IMS_PER_BATCH", s.IMS_PER_BATCH, s.IMS_PER_BATCH % processes == 0,
+         f"a multiple of the {processes} processes that share it (--num-gpus x --num-machines)"),
+        ("SOLVER.BASE_LR", s.BASE_LR, s.BASE_LR > 0, "a number > 0"),
+        ("SOLVER.CHECKPOINT_PERIOD", s.CHECKPOINT_PERIOD, s.CHECKPOINT_PERIOD >= 1, "an integer >= 1"),
+        ("SOLVER.WARMUP_ITERS", s.WARMUP_ITERS, s.WARMUP_ITERS >= 0, "an integer >= 0"),
+        ("SOLVER.STEPS", s.STEPS, all(x >= 1 for x in s.STEPS) and list(s.STEPS) == sorted(s.STEPS),
+         "increasing iteration numbers >= 1 (values above SOLVER.MAX_ITER are ignored)"),
+        ("TEST.EVAL_PERIOD", cfg.TEST.EVAL_PERIOD, cfg.TEST.EVAL_PERIOD >= 0, "0 (only at the end) or an integer >= 1"),
+        ("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.NUM_WORKERS >= 0, "an integer >= 0"),
+    ]
+    if training:
+        checks.append(("SOLVER.MAX_ITER", s.MAX_ITER, s.MAX_ITER >= 1, "an integer >= 1"))
+    for key, value, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{key}={value!r} is not valid; allowed values: {allowed}.")
+    try:
+        device = torch.device(cfg.MODEL.DEVICE)
+    except RuntimeError:
+        raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} is not a device; allowed values: cpu, cuda, cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but this machine has no CUDA device; add MODEL.DEVICE cpu to run on the CPU."
+        )
 
 
 @dataclass

@@ -397,3 +397,68 @@ def test_run_cli_translates_detectron2_misuse_errors(error, expected, capsys):
     assert err.startswith(f"tool: error: {expected}") and err.count("\n") == 1, err
     with pytest.raises(KeyError):  # other KeyErrors are bugs: they keep their traceback
         run_cli(lambda: {}["missing"], prog="tool")
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH=0 is not valid; allowed values: an integer >= 1"),
+        (["SOLVER.IMS_PER_BATCH", "5", "--num-gpus", "2"], "SOLVER.IMS_PER_BATCH=5 is not valid; allowed values: a multiple of the 2"),
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD=0 is not valid"),
+        (["SOLVER.STEPS", "(-1,)"], "SOLVER.STEPS=(-1,) is not valid; allowed values: increasing iteration numbers >= 1"),
+        (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER=0 is not valid"),
+        (["TEST.EVAL_PERIOD", "-5"], "TEST.EVAL_PERIOD=-5 is not valid"),
+        (["MODEL.DEVICE", "cuda"], "MODEL.DEVICE='cuda' but this machine has no CUDA device; add MODEL.DEVICE cpu"),
+        (["MODEL.DEVICE", "gpu0"], "MODEL.DEVICE='gpu0' is not a device"),
+        (["SOLVER.AMP.PRECISION", "fp8"], "SOLVER.AMP.PRECISION='fp8' is not valid"),
+        (["SOLVER.NONFINITE_MAX_FRACTION", "2.0"], "SOLVER.NONFINITE_MAX_FRACTION=2.0 is not valid"),
+    ],
+)
+def test_train_net_checks_detectron2_keys_before_any_worker_starts(capsys, monkeypatch, extra, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    train_net = _tool("tools/train_net.py")
+    args = ["train_net.py", "--config-file", PF_CONFIG]
+    args += [a for a in extra if a.startswith("--") or extra[extra.index(a) - 1] == "--num-gpus"]
+    args += [a for a in extra if not (a.startswith("--") or extra[extra.index(a) - 1] == "--num-gpus")]
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main, args)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_a_missing_base_names_the_file_that_refers_to_it(tmp_path, capsys, monkeypatch):
+    child = tmp_path / "child.yaml"
+    child.write_text('_BASE_: "parent.yaml"\nSOLVER:\n  MAX_ITER: 3\n')
+    train_net = _tool("tools/train_net.py")
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main, ["train_net.py", "--config-file", str(child)])
+    assert code == 2 and len(err) == 1, err
+    assert f"Config file {child} has _BASE_: 'parent.yaml', which does not exist" in err[0]
+
+
+def test_an_unprepared_dataset_fails_before_workers_start(tmp_path, capsys, monkeypatch):
+    from rfpn.data.pathfinder import register_pathfinder
+
+    register_pathfinder("pf_never_made", root=str(tmp_path))
+    monkeypatch.setattr("detectron2.engine.launch", lambda *a, **k: pytest.fail("workers were started"))
+    train_net = _tool("tools/train_net.py")
+    argv = ["train_net.py", "--config-file", PF_CONFIG, "--num-gpus", "2", "DATASETS.TRAIN", "('pf_never_made_train',)"]
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main, argv)
+    assert code == 1 and len(err) == 1 and "pf_never_made' was not found" in err[0], err
+
+
+def test_every_config_runs_where_its_folder_says():
+    """CPU-scale configs pin the CPU; paper-scale and COCO configs keep Detectron2's default device (a GPU)."""
+    from rfpn import model_zoo
+
+    root = os.path.join(REPO, "configs")
+    checked = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".yaml") or name.startswith("Base-RCNN"):
+                continue
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            cfg = model_zoo.get_config(rel)
+            cpu_scale = rel.startswith(("Pathfinder/cpu", "Synthetic-Panoptic"))
+            assert (cfg.MODEL.DEVICE == "cpu") == cpu_scale, rel
+            checked += 1
+    assert checked >= 40

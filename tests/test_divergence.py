@@ -207,3 +207,13 @@ def test_skip_mode_agrees_across_ranks_when_one_rank_sees_a_nan(tmp_path):
         assert not torch.equal(snaps[2], snaps[1]), "the iteration after the skip did not train"
     for a, b in zip(ranks[0]["snaps"], ranks[1]["snaps"]):
         assert torch.equal(a, b)
+
+
+def test_skip_mode_stops_a_run_that_skips_more_than_its_allowance():
+    special = {i: {"poison": float("nan")} for i in range(1, 8)}
+    trainer = _trainer(special, "skip")
+    trainer.max_skipped = 2
+    with pytest.raises(FloatingPointError, match="Iteration 3: .*3 batches were skipped, more than the 2 that "
+                                                 "SOLVER.NONFINITE_MAX_FRACTION allows"):
+        trainer.train(0, 8)
+    assert trainer.skipped_batches == 3

@@ -20,12 +20,18 @@ import os
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import rfpn  # noqa: F401  (registers rfpn's models and datasets)
-from rfpn.config import validate_pathfinder_config, validate_recurrent_config, validate_training_safety_config
+from rfpn.config import (
+    validate_pathfinder_config,
+    validate_recurrent_config,
+    validate_run_config,
+    validate_training_safety_config,
+)
 from rfpn.engine import Trainer
 from rfpn.engine.checkpoint import CheckedCheckpointer
 from rfpn.engine.ddp import distributed_main
@@ -45,7 +51,12 @@ def setup(args) -> CfgNode:
 
 def checked_config(args) -> CfgNode:
     """The merged config, after every check that needs no model; raises ``UsageError`` naming the problem."""
-    validators = [validate_recurrent_config, validate_pathfinder_config, validate_training_safety_config]
+    processes = args.num_gpus * args.num_machines
+
+    def run_settings(cfg: CfgNode) -> None:
+        validate_run_config(cfg, processes, training=not args.eval_only)
+
+    validators = [validate_recurrent_config, validate_pathfinder_config, validate_training_safety_config, run_settings]
     cfg = load_config(args.config_file, args.opts, validators=validators)
     check_registered_datasets(cfg)
     if args.eval_only and not cfg.MODEL.WEIGHTS and not getattr(args, "allow_random_weights", False):
@@ -69,6 +80,9 @@ def check_and_launch(args) -> None:
         raise UsageError("--dist-url auto works on one machine only; give every machine tcp://<rank-0 host>:<port>.")
     cfg = checked_config(args)
     processes = args.num_gpus * args.num_machines
+    if processes > 1:  # a dataset that is registered but missing or damaged fails here, not in every worker
+        for name in (*([] if args.eval_only else cfg.DATASETS.TRAIN), *cfg.DATASETS.TEST):
+            DatasetCatalog.get(name)
     if processes > 1 and torch.cuda.is_available():
         if cfg.MODEL.DEVICE == "cpu":
             raise UsageError(

@@ -61,7 +61,12 @@ class ResilientTrainer(DefaultTrainer):
 
         model = create_ddp_model(model, broadcast_buffers=False)
         self._trainer = NonFiniteGuardTrainer(
-            model, data_loader, optimizer, nonfinite=cfg.SOLVER.NONFINITE, precision=resolve_precision(cfg)
+            model,
+            data_loader,
+            optimizer,
+            nonfinite=cfg.SOLVER.NONFINITE,
+            precision=resolve_precision(cfg),
+            max_skipped=int(cfg.SOLVER.NONFINITE_MAX_FRACTION * cfg.SOLVER.MAX_ITER),
         )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -94,8 +99,13 @@ class ResilientTrainer(DefaultTrainer):
             return super().test(cfg, model, evaluators)
 
     def train(self):
-        """Detectron2's training loop; then, with several processes, check the replicas stayed identical."""
+        """Detectron2's training loop; then check the replicas stayed identical and log the skipped batches."""
         results = super().train()
         if comm.get_world_size() > 1:
             check_replicas_in_sync(self.model)
+        skipped, overflows = self._trainer.skipped_batches, self._trainer.overflow_steps
+        logging.getLogger("rfpn").info(
+            f"Training finished: {skipped} of {self.max_iter - self.start_iter} batches skipped for non-finite values"
+            + (f", {overflows} fp16 steps skipped by the gradient scaler." if self._trainer.grad_scaler else ".")
+        )
         return results

@@ -18,7 +18,8 @@ divergence: fp16 overflow is the scaler's normal way of finding its scale.
 ``nonfinite="raise"`` stops training with a ``FloatingPointError`` naming the iteration and the
 loss term, recurrent step or parameter. ``nonfinite="skip"`` drops the batch instead: no optimizer
 step, a warning in the log, and the running count ``nonfinite/skipped_batches`` in the event
-storage. In multi-process runs the ranks agree on skipping (one small all-reduce per step, only in
+storage; once more than ``max_skipped`` batches were dropped, training stops as in ``raise`` mode
+(a run that skips most of its batches is diverging, not unlucky). In multi-process runs the ranks agree on skipping (one small all-reduce per step, only in
 ``skip`` mode), so their weights stay identical; gradients are already averaged by DDP, so their
 check needs no extra communication.
 """
@@ -77,17 +78,19 @@ class NonFiniteGuardTrainer(SimpleTrainer):
         model, data_loader, optimizer, kwargs: as for ``SimpleTrainer``.
         nonfinite: ``"raise"`` (stop training) or ``"skip"`` (drop the batch, count it).
         precision: the arithmetic (default full precision); fp16 brings a gradient scaler.
+        max_skipped: in ``skip`` mode, stop once more batches than this were dropped (None: no limit).
         grad_scaler: the scaler to use for fp16 (default: ``precision.grad_scaler()``).
     """
 
     def __init__(self, model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer,
                  nonfinite: str = "raise", precision: Precision | None = None,
-                 grad_scaler: torch.amp.GradScaler | None = None, **kwargs: Any):
+                 grad_scaler: torch.amp.GradScaler | None = None, max_skipped: int | None = None, **kwargs: Any):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not valid; allowed values: {', '.join(NONFINITE_MODES)}.")
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.nonfinite = nonfinite
         self.skipped_batches = 0
+        self.max_skipped = max_skipped
         self.precision = precision or Precision(next(model.parameters()).device.type)
         self.grad_scaler = grad_scaler or self.precision.grad_scaler()
         self.overflow_steps = 0
@@ -158,6 +161,11 @@ class NonFiniteGuardTrainer(SimpleTrainer):
             raise FloatingPointError(f"{message} Training stopped. {_FIX}")
         self.optimizer.zero_grad()
         self.skipped_batches += 1
+        if self.max_skipped is not None and self.skipped_batches > self.max_skipped:
+            raise FloatingPointError(
+                f"{message} Training stopped: {self.skipped_batches} batches were skipped, more than the "
+                f"{self.max_skipped} that SOLVER.NONFINITE_MAX_FRACTION allows. {_FIX.split(', or set')[0]}."
+            )
         get_event_storage().put_scalar("nonfinite/skipped_batches", self.skipped_batches, smoothing_hint=False)
         logger.warning(f"{message} Skipped this batch (SOLVER.NONFINITE=skip); {self.skipped_batches} skipped so far.")
 

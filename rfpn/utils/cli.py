@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import yaml
 from detectron2.config import CfgNode, get_cfg
 
-__all__ = ["UsageError", "load_config", "check_registered_datasets", "run_cli", "short_message"]
+__all__ = ["UsageError", "check_bases", "load_config", "check_registered_datasets", "run_cli", "short_message"]
 
 
 class UsageError(Exception):
@@ -50,6 +50,30 @@ def _unknown_key_error(cfg: CfgNode, key: str, source: str) -> UsageError:
         f"Unknown config key {key} ({source}).{hint} Fix the spelling or remove it; rfpn's keys are listed in "
         "rfpn/config.py, Detectron2's in detectron2/config/defaults.py."
     )
+
+
+def check_bases(config_file: str) -> None:
+    """Raise :class:`UsageError` naming the file whose ``_BASE_`` (or a base's base) does not exist."""
+    seen = set()
+    path = config_file
+    while path and path not in seen:
+        seen.add(path)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            return  # merging reports unreadable files with their own message
+        base = data.get("_BASE_") if isinstance(data, dict) else None
+        if not isinstance(base, str) or "://" in base:
+            return
+        base = os.path.expanduser(base)
+        resolved = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(resolved):
+            raise UsageError(
+                f"Config file {path} has _BASE_: {base!r}, which does not exist (looked for {resolved}); the path is "
+                "relative to the folder of the file that names it."
+            )
+        path = resolved
 
 
 def load_config(
@@ -75,6 +99,7 @@ def load_config(
             f"Config file {config_file!r} does not exist. Pass the path of a YAML config; rfpn's are under configs/ "
             "(Pathfinder/, COCO-PanopticSegmentation/, Synthetic-Panoptic/)."
         )
+    check_bases(config_file)
     if len(opts) % 2:
         raise UsageError(
             f"Config overrides must come in KEY VALUE pairs; got {len(opts)} words: {' '.join(map(str, opts))}."
