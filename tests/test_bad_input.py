@@ -462,3 +462,22 @@ def test_every_config_runs_where_its_folder_says():
             assert (cfg.MODEL.DEVICE == "cpu") == cpu_scale, rel
             checked += 1
     assert checked >= 40
+
+
+def test_train_net_names_a_truncated_panoptic_image_and_its_prepare_command(panoptic_source, tmp_path, capsys, monkeypatch):
+    root, _ = panoptic_source
+    dst = os.path.join(root, "pan_cli_truncated")
+    shutil.copytree(os.path.join(root, "pan_src"), dst)
+    images = os.path.join(dst, "train")
+    for image in os.listdir(images):
+        _damage(os.path.join(images, image), _truncated, 0)
+    train, _ = register_synthetic_panoptic("pan_cli_truncated", root)
+    config = os.path.join(REPO, "configs", "Synthetic-Panoptic", "panoptic_fpn_R_18.yaml")
+    opts = ["OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", "()",
+            "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
+            "INPUT.MIN_SIZE_TRAIN", "(32,)", "INPUT.MAX_SIZE_TRAIN", "32"]
+    train_net = _tool("tools/train_net.py")
+    code, err = _exit_code_and_stderr(capsys, monkeypatch, train_net.invoke_main,
+                                      ["train_net.py", "--config-file", config, *opts])
+    assert code == 1 and len(err) == 1, err
+    assert "Cannot decode file_name" in err[0] and "pan_cli_truncated" in err[0] and "prepare_synthetic_panoptic.py" in err[0]

@@ -127,3 +127,53 @@ def test_atomic_checkpointer_never_leaves_a_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000004.pth"]
     assert AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 4
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
+def test_workers_stop_when_the_launcher_of_a_two_process_run_is_killed(tmp_path):
+    root, out = str(tmp_path / "datasets"), tmp_path / "out"
+    tiny_pathfinder(root, "pf_orphan")
+    opts = tiny_opts("pf_orphan", str(out)) + ["SOLVER.MAX_ITER", "100000", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    launcher = subprocess.Popen(train_net_command("--num-gpus", "2", *opts), env=subprocess_env(root),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while not (out / "last_checkpoint").exists():
+            assert launcher.poll() is None, f"training exited early with code {launcher.returncode}"
+            assert time.monotonic() < deadline, "no checkpoint appeared within 240 s"
+            time.sleep(0.1)
+        workers = [pid for pid in _children(launcher.pid) if _alive(pid)]
+        assert len(workers) >= 2, workers
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        stop = time.monotonic() + 15
+        while any(_alive(pid) for pid in workers) and time.monotonic() < stop:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its launcher"
+    finally:
+        launcher.kill()
+    last = (out / "last_checkpoint").read_text().strip()
+    time.sleep(1.0)
+    assert (out / "last_checkpoint").read_text().strip() == last, "no checkpoint is written after the kill"
+    assert _checkpoint_iteration(str(out / last)) >= 1

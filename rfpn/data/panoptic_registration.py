@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -37,6 +37,7 @@ __all__ = [
     "check_panoptic_paths",
     "validate_panoptic_dataset",
     "CheckedDatasetMapper",
+    "checked_mapper",
 ]
 
 # Detectron2's builtin COCO panoptic sets in the form Panoptic FPN trains on (train / test / quick test).
@@ -273,8 +274,11 @@ class CheckedDatasetMapper(DatasetMapper):
     """Detectron2's ``DatasetMapper`` whose image / PNG decoding and annotation errors name the bad file.
 
     A corrupt JPEG or stuff PNG otherwise surfaces as a bare PIL error inside a data-loader
-    worker. Use it as ``build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))``.
+    worker. Use it as ``build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))``;
+    :func:`checked_mapper` also adds the command that regenerates the dataset to its messages.
     """
+
+    hint = ""  # how to make the files again, appended to every message
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         try:
@@ -285,13 +289,16 @@ class CheckedDatasetMapper(DatasetMapper):
                 if path is None:
                     continue
                 if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{key} of image {dataset_dict.get('image_id')} not found: {path}") from e
+                    raise FileNotFoundError(
+                        f"{key} of image {dataset_dict.get('image_id')} not found: {path}. {self.hint}".rstrip()
+                    ) from e
                 try:
                     with Image.open(path) as im:
                         im.load()
                 except (OSError, SyntaxError, ValueError) as decode_error:
                     raise PanopticFormatError(
-                        f"Cannot decode {key} {path} of image {dataset_dict.get('image_id')}: {decode_error}"
+                        f"Cannot decode {key} {path} of image {dataset_dict.get('image_id')}: {decode_error}. "
+                        f"{self.hint}".rstrip()
                     ) from e
             if isinstance(e, (TypeError, KeyError, IndexError)):  # junk in the image's annotation dicts
                 raise PanopticFormatError(
@@ -299,6 +306,14 @@ class CheckedDatasetMapper(DatasetMapper):
                     f"malformed ({type(e).__name__}: {e}); check the dataset's instance JSON."
                 ) from e
             raise
+
+
+def checked_mapper(cfg: Any, is_train: bool, dataset_names: Sequence[str]) -> CheckedDatasetMapper:
+    """A :class:`CheckedDatasetMapper` whose errors end with the datasets' regeneration hint."""
+    mapper = CheckedDatasetMapper(cfg, is_train)
+    hints = dict.fromkeys(_hint(MetadataCatalog.get(n), stuff=False) for n in dataset_names)
+    mapper.hint = " ".join(h if h.endswith(".") else h + "." for h in hints)
+    return mapper
 
 
 _guard_builtin_coco()

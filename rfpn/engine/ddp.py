@@ -10,12 +10,17 @@ or a lenient exit, and are replaced here:
 - Detectron2's workers return without destroying the process group; GLOO has been seen to
   abort at interpreter teardown when a peer is already gone. :func:`shutdown_distributed` waits
   for every rank and then destroys the group, so each worker leaves in a known state.
+- Workers outlive a launcher that is killed; :func:`stop_with_parent` ties them to it.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import inspect
 import logging
+import os
+import signal
+import sys
 from typing import Any, Callable
 
 import torch
@@ -23,9 +28,17 @@ import torch.distributed as dist
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["create_ddp_model", "replica_fingerprints", "check_replicas_in_sync", "shutdown_distributed", "distributed_main"]
+__all__ = [
+    "create_ddp_model",
+    "replica_fingerprints",
+    "check_replicas_in_sync",
+    "shutdown_distributed",
+    "distributed_main",
+    "stop_with_parent",
+]
 
 logger = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # Newer PyTorch renames DDP's ``broadcast_buffers`` (deprecated) to ``forward_sync_buffers``.
 _HAS_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
@@ -107,6 +120,25 @@ def shutdown_distributed() -> None:
         logger.warning(f"Destroying the process group failed: {e}")
 
 
+def stop_with_parent() -> None:
+    """Make this worker die with the process that launched it (Linux; a no-op elsewhere).
+
+    Without this, killing the launcher of a ``--num-gpus N`` run (``kill -9``, a lost SSH session)
+    leaves its workers training on and writing checkpoints, and a ``--resume`` started then races
+    them on the same ``OUTPUT_DIR``. The kernel sends SIGKILL to the worker when its parent exits
+    (``prctl(PR_SET_PDEATHSIG)``); checkpoints are written atomically, so the last one stays whole.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning(f"prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}); workers may outlive the launcher.")
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
+
+
 def distributed_main(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a ``launch`` entry point so every rank ends with a clean process-group shutdown.
 
@@ -118,6 +150,8 @@ def distributed_main(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if comm.get_world_size() > 1:
+            stop_with_parent()
         try:
             result = main(*args, **kwargs)
         except BaseException:

@@ -7,8 +7,9 @@ Neumann cap logging) with the stability diagnostics hook (``DIAGNOSTICS.PERIOD``
 
 - ``"pathfinder"``: the :class:`~rfpn.data.pathfinder_mapper.PathfinderDatasetMapper` for both
   loaders and the pooled-IoU :class:`~rfpn.evaluation.PathfinderEvaluator`;
-- ``"coco_panoptic_seg"``: Detectron2's default mapper and the evaluators its own
-  ``tools/train_net.py`` builds for Panoptic FPN (semantic, COCO instance, panoptic);
+- ``"coco_panoptic_seg"``: Detectron2's default mapper (wrapped so a damaged image or PNG is named
+  with the command that makes it again) and the evaluators its own ``tools/train_net.py`` builds for
+  Panoptic FPN (semantic, COCO instance, panoptic);
 - other types fall back to Detectron2's standard ones (``sem_seg``, ``coco``).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from detectron2.evaluation import (
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from rfpn.config import validate_pathfinder_config
+from rfpn.data.panoptic_registration import checked_mapper
 from rfpn.evaluation import PathfinderEvaluator
 
 from .defaults import ResilientTrainer
@@ -102,7 +104,7 @@ class Trainer(ResilientTrainer):
             raise ValueError(f"DATASETS.TRAIN={names} mixes Pathfinder and other datasets; train on one kind.")
         if kinds.pop():
             return build_detection_train_loader(cfg, mapper=_pathfinder_mapper(cfg, True))
-        return build_detection_train_loader(cfg)
+        return build_detection_train_loader(cfg, mapper=checked_mapper(cfg, True, names))
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -110,7 +112,7 @@ class Trainer(ResilientTrainer):
             return build_detection_test_loader(
                 cfg, dataset_name, mapper=_pathfinder_mapper(cfg, False), batch_size=cfg.TEST.IMS_PER_BATCH
             )
-        return build_detection_test_loader(cfg, dataset_name)
+        return build_detection_test_loader(cfg, dataset_name, mapper=checked_mapper(cfg, False, [dataset_name]))
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
