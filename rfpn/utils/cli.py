@@ -119,12 +119,34 @@ def load_config(
             if match:
                 raise _unknown_key_error(cfg, match.group(1), source) from None
             raise UsageError(f"Bad config value {source}: {message}") from None
+    _check_no_none(cfg, _defaults(add_config))
     for validate in validators:
         try:
             validate(cfg)
         except ValueError as e:
             raise UsageError(str(e)) from None
     return cfg
+
+
+def _defaults(add_config: Callable[[CfgNode], None]) -> CfgNode:
+    cfg = get_cfg()
+    add_config(cfg)
+    return cfg
+
+
+def _check_no_none(cfg: CfgNode, defaults: CfgNode, prefix: str = "") -> None:
+    """yacs lets ``None`` replace any value; refuse it for keys whose default is not ``None``."""
+    for key, default in defaults.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if isinstance(default, CfgNode) and isinstance(value, CfgNode):
+            _check_no_none(value, default, f"{prefix}{key}.")
+        elif value is None and default is not None:
+            raise UsageError(
+                f"{prefix}{key}=None is not valid; allowed values: a value of type {type(default).__name__}, as its "
+                f"default {default!r}."
+            )
 
 
 def check_registered_datasets(cfg: CfgNode, keys: Sequence[str] = ("TRAIN", "TEST")) -> None:
