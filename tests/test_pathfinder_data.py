@@ -228,3 +228,15 @@ def test_bad_settings_raise_clear_errors():
         render_sample(dataclasses.replace(PRESETS["cpu"], paddle_length=0), 0)
     with pytest.raises(ValueError, match="--image-size"):
         render_sample(dataclasses.replace(PRESETS["cpu"], contour_length=60, image_size=16), 0)
+
+
+def test_a_killed_generation_leaves_nothing_the_next_one_keeps(tmp_path):
+    parent = tmp_path / "pathfinder"
+    stale = parent / ".pf_stale.tmp-999999999-abcd1234"
+    (stale / "train").mkdir(parents=True)
+    (parent / ".pf_stale.tmp-999999999-abcd1234.old").mkdir()
+    settings = dataclasses.replace(gen.PRESETS["cpu"], contour_length=3, image_size=24, paddle_length=4.0,
+                                   paddle_margin=2.0, marker_radius=2.0, distractor_paddles=3)
+    gen.generate_pathfinder("pf_stale", settings, 1, 1, seed=0, root=str(tmp_path), workers=1, preset="cpu",
+                        progress=False)
+    assert sorted(os.listdir(parent)) == ["pf_stale"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import multiprocessing as mp
@@ -499,6 +500,15 @@ def _differences(existing: dict, wanted: dict) -> list[str]:
     return out
 
 
+def _remove_stale_temporaries(parent: str, name: str) -> None:
+    """Delete the hidden build folders of ``name`` that a killed generation left (their process is gone)."""
+    for path in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp-*")):
+        pid = os.path.basename(path).split(".tmp-", 1)[1].split("-", 1)[0]
+        alive = os.path.isdir("/proc") and pid.isdigit() and os.path.exists(f"/proc/{pid}")
+        if not alive:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def generate_pathfinder(
     name: str,
     settings: PathfinderSettings,
@@ -543,6 +553,7 @@ def generate_pathfinder(
             "Pass --overwrite to regenerate it, or choose another --name."
         )
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(parent, name)
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
