@@ -7,5 +7,6 @@ setup(
     description="Recurrent FPN and Pathfinder with contractor recurrent back-propagation (C-RBP) for Detectron2",
     python_requires=">=3.10",
     packages=find_packages(include=["rfpn", "rfpn.*"]),
+    package_data={"rfpn.model_zoo": ["trained.json", "weights/**/*.pth"]},
     install_requires=["torch", "torchvision", "numpy<2", "opencv-python-headless", "pycocotools", "matplotlib", "scipy"],
 )

@@ -1,8 +1,9 @@
 """Find, load and build the configs rfpn ships in the repository's top-level ``configs/``.
 
 rfpn is installed editable (``pip install -e .``), so the configs are found next to the
-package: ``<repo>/configs``. No trained rfpn checkpoints are published; ``get`` returns a
-freshly initialised model and the trainer loads ``MODEL.WEIGHTS`` (ImageNet backbones).
+package: ``<repo>/configs``. The CPU-scale Pathfinder configs that have a trained checkpoint
+(``MODEL_ZOO.md``, :mod:`rfpn.model_zoo.trained`) load it with ``trained=True``; the others build
+a freshly initialised model, and the trainer loads ``MODEL.WEIGHTS`` (ImageNet backbones).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
 from rfpn.config import add_rfpn_config
+
+from .trained import weights_url
 
 _CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
@@ -47,26 +50,27 @@ def get_config_file(config_path: str) -> str:
 def get_config(config_path: str, trained: bool = False) -> CfgNode:
     """A fresh ``CfgNode`` with every rfpn key, merged from the packaged config.
 
-    ``trained=True`` is refused: rfpn publishes no trained checkpoints (nothing can be
-    downloaded); train with ``tools/train_net.py`` and load the result with
-    ``DetectionCheckpointer(model).load(path)``.
+    ``trained=True`` sets ``MODEL.WEIGHTS`` to the config's shipped checkpoint (``rfpn://...``), or
+    raises ``RuntimeError`` naming the configs that have one.
     """
-    if trained:
-        raise RuntimeError(
-            f"No trained checkpoint is published for {config_path!r}. Train it with tools/train_net.py "
-            "and load the weights with detectron2.checkpoint.DetectionCheckpointer(model).load(path)."
-        )
     cfg = get_cfg()
     add_rfpn_config(cfg)
     cfg.merge_from_file(get_config_file(config_path))
+    if trained:
+        cfg.MODEL.WEIGHTS = weights_url(config_path)
     return cfg
 
 
 def get(config_path: str, trained: bool = False, device: str | None = None) -> nn.Module:
-    """Build the model of a packaged config (randomly initialised; ``MODEL.WEIGHTS`` is not loaded).
+    """Build the model of a packaged config: randomly initialised, or with its shipped checkpoint (``trained``).
 
     ``device`` defaults to CUDA when available, else the CPU.
     """
+    from rfpn.engine.checkpoint import CheckedCheckpointer
+
     cfg = get_config(config_path, trained)
     cfg.MODEL.DEVICE = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return build_model(cfg)
+    model = build_model(cfg)
+    if trained:
+        CheckedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model

@@ -1,0 +1,37 @@
+"""Shipped checkpoints: every one loads through the model zoo and rfpn://, and reproduces its published IoU."""
+from __future__ import annotations
+
+import pytest
+
+from rfpn import model_zoo
+from rfpn.model_zoo.trained import PREFIX, published, sha256, subset_iou, WEIGHTS_ROOT
+
+SHIPPED = sorted(published())
+
+
+def test_at_least_one_checkpoint_is_shipped():
+    assert SHIPPED, "rfpn/model_zoo/trained.json lists no checkpoint"
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_a_shipped_checkpoint_reproduces_its_published_iou(config):
+    entry = published()[config]
+    assert entry["weights"].startswith(PREFIX)
+    assert sha256(WEIGHTS_ROOT / entry["weights"][len(PREFIX):]) == entry["sha256"], "the file changed after publishing"
+    model = model_zoo.get(config, trained=True, device="cpu")
+    assert subset_iou(model, entry["contour_length"]) == pytest.approx(entry["iou_first_100"], abs=0.01)
+
+
+def test_rfpn_weights_load_through_model_weights_and_a_config_without_weights_names_those_with():
+    from detectron2.modeling import build_model
+
+    from rfpn.engine.checkpoint import CheckedCheckpointer
+
+    config = SHIPPED[0]
+    cfg = model_zoo.get_config(config, trained=True)
+    assert cfg.MODEL.WEIGHTS == published()[config]["weights"]
+    CheckedCheckpointer(build_model(cfg)).load(cfg.MODEL.WEIGHTS)
+    with pytest.raises(RuntimeError, match=f"No trained checkpoint is published for 'Pathfinder/pf14_hgru_crbp20.yaml'.*{config}"):
+        model_zoo.get_config("Pathfinder/pf14_hgru_crbp20.yaml", trained=True)
+    with pytest.raises(FileNotFoundError, match="rfpn://Pathfinder/none.pth is not a shipped checkpoint"):
+        CheckedCheckpointer(build_model(cfg)).load("rfpn://Pathfinder/none.pth")
