@@ -58,10 +58,10 @@ def weights_url(config_path: str) -> str:
     """``rfpn://...`` of the checkpoint trained with ``config_path``; ``RuntimeError`` naming those that exist."""
     entry = published().get(config_path)
     if entry is None:
-        names = "\n  ".join(sorted(published())) or "none"
+        names = ", ".join(sorted(published())) or "none"
         raise RuntimeError(
             f"No trained checkpoint is published for {config_path!r}. Train it with tools/train_net.py --config-file "
-            f"configs/{config_path}, or use one of the configs that have one:\n  {names}"
+            f"configs/{config_path}, or use a config that has one: {names}."
         )
     return entry["weights"]
 
