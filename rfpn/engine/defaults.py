@@ -20,9 +20,7 @@ Differences from ``DefaultTrainer`` (everything else, including ``--resume``, is
 from __future__ import annotations
 
 import logging
-import os
 import weakref
-from typing import Any
 
 import torch
 from detectron2.config import CfgNode

@@ -38,7 +38,7 @@ from .gradients import BackwardStats, attach_implicit_backward
 from .methods import GRADS, GradientMethod, RecordedStep, resolve_gradient_method
 from .options import (
     GROUPS,
-    PYTHON_NAMES,
+    keyword_names,
     BackwardOptions,
     ForwardOptions,
     Naming,
@@ -57,7 +57,7 @@ def validate_settings(
     forward: ForwardOptions,
     backward: BackwardOptions,
     penalty: PenaltyOptions,
-    naming: Naming = PYTHON_NAMES,
+    naming: Naming = keyword_names,
     grad_name: str = "grad",
     steps_name: str = "steps",
 ) -> tuple[type[GradientMethod], str]:

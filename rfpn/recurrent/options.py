@@ -9,7 +9,7 @@
 
 Every field names its keyword of the flat ``RecurrentDynamics(...)`` API (``kw``) and its
 ``MODEL.RECURRENT`` config key (``key``), so an error names whichever the user wrote:
-``validate(naming)`` takes ``PYTHON_NAMES`` or ``config_names("MODEL.RECURRENT")``.
+``validate(naming)`` takes ``keyword_names`` or ``config_names("MODEL.RECURRENT")``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _opt(default: Any, kw: str, key: str, help: str) -> Any:
     return field(default=default, metadata={"kw": kw, "key": key, "help": help})
 
 
-def PYTHON_NAMES(f) -> str:  # noqa: N802 - used like a constant
+def keyword_names(f) -> str:
     """Name fields by their keyword in the flat ``RecurrentDynamics`` API."""
     return f.metadata["kw"]
 
@@ -36,10 +36,6 @@ def PYTHON_NAMES(f) -> str:  # noqa: N802 - used like a constant
 def config_names(prefix: str) -> Naming:
     """Name fields by their config key under ``prefix`` (e.g. ``"MODEL.RECURRENT"``)."""
     return lambda f: f"{prefix}.{f.metadata['key']}"
-
-
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{name}={value!r} is not valid; allowed values: {allowed}.")
 
 
 def _is_number(value: Any) -> bool:
@@ -55,12 +51,12 @@ class _Validated:
 
     CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {}
 
-    def validate(self, naming: Naming = PYTHON_NAMES) -> None:
+    def validate(self, naming: Naming = keyword_names) -> None:
         by_name = {f.name: f for f in fields(self)}
         for name, (ok, allowed) in self.CHECKS.items():
             value = getattr(self, name)
             if not ok(value):
-                _fail(naming(by_name[name]), value, allowed)
+                raise ValueError(f"{naming(by_name[name])}={value!r} is not valid; allowed values: {allowed}.")
 
     def field_name(self, name: str, naming: Naming) -> str:
         return naming(next(f for f in fields(self) if f.name == name))
