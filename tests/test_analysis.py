@@ -8,6 +8,7 @@ from torch import nn
 
 from rfpn.analysis import (
     GeneralizationMatrix,
+    GradientAgreement,
     StepIoU,
     compare_fill_order,
     coverage,
@@ -164,6 +165,14 @@ def test_every_figure_file_is_written(tmp_path):
         figures.plot_generalization(str(tmp_path / "gen.png"), matrix),
         figures.plot_flood_fill(str(tmp_path / "flood.png"), flood, probs["a"], [1, 5, 10], comp),
         figures.plot_strip(str(tmp_path / "strip.png"), [np.ones((6, 8, 3)), np.zeros((6, 8))], ["t=1", "t=2"]),
+        figures.plot_penalty_weight_curves(
+            str(tmp_path / "xi.png"),
+            {"auto": {"max_column_sum": [(1, 0.95), (2, 0.9)], "penalty_weight": [(1, 1.0), (2, 2.0)]}},
+            lam=0.9,
+        ),
+        figures.plot_gradient_agreement(
+            str(tmp_path / "cos.png"), [GradientAgreement("rbp", 1.0, 0.0, 5), GradientAgreement("jfb", 0.8, 0.5, 5)]
+        ),
     ]
     for p in paths:
         with open(p, "rb") as f:

@@ -40,6 +40,7 @@ from rfpn.config import add_rfpn_config
 from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
+from rfpn.analysis.figures import plot_penalty_weight_curves
 from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
@@ -298,6 +299,9 @@ def main(argv=None) -> list[dict]:
     write_json_atomic(json_path, {"train_set": args.train_set, "iters": args.iters, "threads": args.threads, "rows": rows})
     png_path = os.path.join(args.output_dir, "benchmark_pathfinder.png")
     plot(rows, png_path, args.train_set)
+    curves = {r["method"]: r["curves"] for r in rows if r.get("curves")}
+    if curves:
+        plot_penalty_weight_curves(os.path.join(args.output_dir, "penalty_weight.png"), curves, lam=0.9)
     if args.copy_to_docs:
         os.makedirs(os.path.join(REPO, "docs", "figures"), exist_ok=True)
         shutil.copy(png_path, os.path.join(REPO, "docs", "figures", "benchmark_pathfinder.png"))

@@ -43,6 +43,7 @@ from detectron2.utils.logger import setup_logger
 from rfpn import model_zoo
 from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic
 from rfpn.engine import Trainer
+from rfpn.analysis.figures import plot_penalty_weight_curves
 from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils.jobs import ChildJob, run_child_jobs, write_json_atomic
@@ -285,6 +286,9 @@ def main() -> None:
         rows += [load_run(args, key, seed) for key, seed in todo]
     write_json_atomic(str(out), payload(args, rows, sweep))  # every finished run at these iterations
     plot(rows, sweep, args.output_dir / "benchmark_rfpn.png")
+    curves = {f"{r['model']}, seed {r['seed']}": r["curves"] for r in rows if r.get("curves")}
+    if curves:
+        plot_penalty_weight_curves(str(args.output_dir / "penalty_weight.png"), curves, lam=0.9)
     print(format_table(rows, sweep))
     print(f"Wrote {out} and {args.output_dir / 'benchmark_rfpn.png'}")
 
