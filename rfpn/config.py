@@ -47,11 +47,17 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.PHANTOM_STEPS = 5  # GRAD phantom: damped steps k recorded with the graph (k = 1, tau = 1 is jfb)
     _C.PHANTOM_TAU = 0.5  # GRAD phantom: damping tau of h <- tau * F(x, h) + (1 - tau) * h, in (0, 1]
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
-    _C.SOLVER = "fixed"  # forward solver: "fixed" (STEPS / TEST_STEPS steps), "iterate" or "anderson" (stop on TOL)
-    _C.TEST_SOLVER = ""  # inference solver: "" reuses SOLVER, or "fixed" (TEST_STEPS steps) / "iterate" / "anderson"
+    # forward solver: "fixed" (STEPS / TEST_STEPS steps), or "iterate" / "anderson" / "heavyball" (stop on TOL)
+    _C.SOLVER = "fixed"
+    _C.TEST_SOLVER = ""  # inference solver: "" reuses SOLVER, or "fixed" (TEST_STEPS steps) / "iterate" / "anderson" / "heavyball"
     _C.TOL = 1e-4  # iterate/anderson stop once every sample's |h_{t+1} - h_t| / |h_{t+1}| < TOL
     _C.MAX_STEPS = 100  # iterate/anderson: cap on cell evaluations (training and inference)
     _C.ANDERSON_M = 5  # Anderson history: residuals kept for the least-squares extrapolation
+    _C.HEAVY_BALL_MU = -1.0  # heavyball solver: momentum in [0, 1); negative: chosen with HEAVY_BALL_STEP from the
+    _C.HEAVY_BALL_STEP = -1.0  # contraction rate of the first plain steps (Polyak's rule); step in (0, 2)
+    # state momentum on the cell (MomentumRNN): v' = MOMENTUM v + MOMENTUM_STEP (F(x, h) - h), h' = h + v'
+    _C.MOMENTUM = 0.0  # mu in [0, 1); 0 with MOMENTUM_STEP 1 is the plain cell
+    _C.MOMENTUM_STEP = 1.0  # s in (0, 1]; MOMENTUM 0 with MOMENTUM_STEP < 1 is a damped update without memory
     _C.BACKWARD_SOLVER = "neumann"  # rbp/crbp backward: "neumann" (NEUMANN_* keys) or "anderson" (BACKWARD_* keys)
     _C.BACKWARD_TOL = 1e-5  # anderson backward: stop once |(I - J^T) u - g| / |g| < BACKWARD_TOL
     _C.BACKWARD_MAX_STEPS = 50  # anderson backward: cap on vector-Jacobian products
@@ -207,6 +213,8 @@ def validate_recurrent_config(cfg: CN) -> None:
     _require_choice("MODEL.RECURRENT.NORM", rc.NORM, NORMS)
     _require_choice("MODEL.RECURRENT.GATE", rc.GATE, GATES)
     checks = {
+        "MOMENTUM": (isinstance(rc.MOMENTUM, (int, float)) and 0 <= rc.MOMENTUM < 1, "a number in [0, 1)"),
+        "MOMENTUM_STEP": (isinstance(rc.MOMENTUM_STEP, (int, float)) and 0 < rc.MOMENTUM_STEP <= 1, "a number in (0, 1]"),
         "CHANNELS": (rc.CHANNELS >= 1, "an integer >= 1"),
         "KERNEL_SIZE": (rc.KERNEL_SIZE >= 1 and rc.KERNEL_SIZE % 2 == 1, "an odd integer >= 1"),
     }

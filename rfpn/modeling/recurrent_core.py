@@ -9,7 +9,7 @@ from detectron2.config import CfgNode
 from detectron2.utils.events import get_event_storage
 
 from rfpn.config import recurrent_settings, validate_recurrent_config
-from rfpn.recurrent import ConvLSTMCell, HGRUCell, RecurrentDynamics
+from rfpn.recurrent import ConvLSTMCell, HGRUCell, RecurrentDynamics, StateMomentumCell
 
 
 def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> RecurrentDynamics:
@@ -22,6 +22,8 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
         cell = HGRUCell(channels, rc.KERNEL_SIZE, norm=rc.NORM, timesteps=rc.STEPS, gate=rc.GATE)
     else:
         cell = ConvLSTMCell(channels, rc.KERNEL_SIZE)
+    if rc.MOMENTUM > 0 or rc.MOMENTUM_STEP < 1:
+        cell = StateMomentumCell(cell, rc.MOMENTUM, rc.MOMENTUM_STEP)
     return RecurrentDynamics(
         cell,
         steps=settings.steps,

@@ -15,6 +15,14 @@ from .diagnostics import SpectralNormEstimate, capture_last_step, fixed_point_di
 from .dynamics import RecurrentDynamics, validate_settings
 from .gradients import BackwardStats, anderson_adjoint_solve, attach_implicit_backward, neumann_solve
 from .memory import SavedTensorCounter, saved_tensor_bytes
+from .momentum import (
+    ConvMomentumLSTMCell,
+    MomentumLSTMCell,
+    StateMomentumCell,
+    heavy_ball_parameters,
+    momentum_inverse,
+    momentum_step,
+)
 from .methods import (
     GRADS,
     GradientMethod,
@@ -26,7 +34,7 @@ from .methods import (
 )
 from .options import BACKWARD_SOLVERS, PENALTIES, SOLVERS, BackwardOptions, ForwardOptions, PenaltyOptions
 from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_penalty
-from .solvers import AndersonMixer, SolverResult, relative_residual, solve_fixed_point
+from .solvers import AndersonMixer, HeavyBall, SolverResult, relative_residual, solve_fixed_point
 
 __all__ = [
     "BACKWARD_SOLVERS",
@@ -39,25 +47,32 @@ __all__ = [
     "BackwardOptions",
     "BackwardStats",
     "ConvLSTMCell",
+    "ConvMomentumLSTMCell",
     "ForwardOptions",
     "GradientMethod",
     "HGRUCell",
+    "HeavyBall",
+    "MomentumLSTMCell",
     "PenaltyOptions",
     "RecordedStep",
     "RecurrentDynamics",
     "SavedTensorCounter",
     "SolverResult",
     "SpectralNormEstimate",
+    "StateMomentumCell",
     "anderson_adjoint_solve",
     "attach_implicit_backward",
     "capture_last_step",
     "column_sums",
     "dual_ascent_step",
     "fixed_point_diagnostics",
+    "heavy_ball_parameters",
     "jacobian_frobenius_penalty",
     "jacobian_spectral_norm",
     "lcp_penalty",
     "make_norm",
+    "momentum_inverse",
+    "momentum_step",
     "neumann_solve",
     "presolve",
     "register_gradient_method",

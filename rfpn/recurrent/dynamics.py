@@ -72,12 +72,12 @@ def validate_settings(
         raise ValueError(f"{steps_name}={steps!r} is not valid; allowed values: an integer >= 1.")
     for options in (forward, backward, penalty):
         options.validate(naming)
-    if method.through_solver and forward.solver == "anderson":
+    if method.through_solver and forward.solver in ("anderson", "heavyball"):
         raise ValueError(
-            f"{forward.field_name('solver', naming)}='anderson' cannot train with {grad_name}={grad!r} (its "
-            "extrapolation is not a recurrence to back-propagate through); allowed combinations: solver 'anderson' "
-            "with a method that solves without a graph (rbp, jfb, phantom and their c-variants), or solver "
-            f"'fixed'/'iterate' with any {grad_name}."
+            f"{forward.field_name('solver', naming)}={forward.solver!r} cannot train with {grad_name}={grad!r} (its "
+            f"extrapolation is not the model's recurrence to back-propagate through); allowed combinations: solver "
+            f"{forward.solver!r} with a method that solves without a graph (rbp, jfb, phantom and their c-variants), "
+            f"or solver 'fixed'/'iterate' with any {grad_name}."
         )
     kind = penalty.kind or ("lcp" if lcp_by_name else "none")
     if lcp_by_name and kind != "lcp":
@@ -361,6 +361,7 @@ class RecurrentDynamics(nn.Module):
             cap,
             anderson_m=self.anderson_m,
             on_eval=None if states is None else lambda h: self._record(states, h),
+            heavy_ball=(self.forward_options.heavy_ball_mu, self.forward_options.heavy_ball_step),
         )
 
     def _record(self, states: list | None, state: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
-SOLVERS = ("fixed", "iterate", "anderson")
+SOLVERS = ("fixed", "iterate", "anderson", "heavyball")
 BACKWARD_SOLVERS = ("neumann", "anderson")
 PENALTIES = ("none", "lcp", "jacobian")
 
@@ -77,6 +77,8 @@ class ForwardOptions(_Validated):
     test_solver: str | None = _opt(None, "test_solver", "TEST_SOLVER", "inference solver; '' or None reuses solver")
     test_steps: int | None = _opt(None, "test_steps", "TEST_STEPS", "inference steps of fixed; 0 or None reuses steps")
     eps: float = _opt(0.0, "eps", "EPS", "fixed inference: a sample stops once mean |h_{t+1} - h_t| < eps")
+    heavy_ball_mu: float | None = _opt(None, "heavy_ball_mu", "HEAVY_BALL_MU", "heavyball momentum; None/< 0: by rule")
+    heavy_ball_step: float | None = _opt(None, "heavy_ball_step", "HEAVY_BALL_STEP", "heavyball step; None/< 0: by rule")
 
     CHECKS = {
         "solver": _choice(*SOLVERS),
@@ -86,11 +88,25 @@ class ForwardOptions(_Validated):
         "anderson_m": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
         "test_steps": ((lambda v: v is None or (_is_int(v) and v >= 1)), "0 or None (reuse steps), an integer >= 1"),
         "eps": ((lambda v: _is_number(v) and v >= 0), "a number >= 0"),
+        "heavy_ball_mu": ((lambda v: v is None or (_is_number(v) and 0 <= v < 1)), "a negative number (by rule), or [0, 1)"),
+        "heavy_ball_step": ((lambda v: v is None or (_is_number(v) and 0 < v < 2)), "a negative number (by rule), or (0, 2)"),
     }
 
     def __post_init__(self) -> None:
         self.test_solver = self.test_solver or None
         self.test_steps = None if self.test_steps == 0 else self.test_steps
+        for name in ("heavy_ball_mu", "heavy_ball_step"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                setattr(self, name, None)
+
+    def validate(self, naming: Naming = keyword_names) -> None:
+        super().validate(naming)
+        if (self.heavy_ball_mu is None) != (self.heavy_ball_step is None):
+            raise ValueError(
+                f"{self.field_name('heavy_ball_mu', naming)} and {self.field_name('heavy_ball_step', naming)} are set "
+                "together; allowed values: both negative (chosen by rule) or both given."
+            )
 
 
 @dataclass

@@ -6,6 +6,10 @@
 - ``anderson``: Anderson acceleration (type II) with the same stopping rule: each step
   extrapolates from the last ``m`` iterates by a per-sample regularised least-squares fit
   of their residuals, then evaluates F once.
+- ``heavyball``: Polyak's heavy-ball iteration ``h <- h + s (F(h) - h) + mu (h - h_prev)``, the state
+  momentum of :mod:`rfpn.recurrent.momentum` applied as a solver, with the same stopping rule;
+  ``mu`` and ``s`` are given or set by :func:`~rfpn.recurrent.momentum.heavy_ball_parameters` from
+  the contraction rate measured on the first plain steps.
 
 Why not torchdeq: its solvers stop on the batch maximum but return, per sample, the
 iterate with the lowest residual seen, drawn from different iterations. Under
@@ -22,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .momentum import heavy_ball_parameters
 from .options import SOLVERS
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -134,6 +139,41 @@ class AndersonMixer:
         return mixed if bool(ok.all()) else torch.where(ok.unsqueeze(1), mixed, plain)
 
 
+class HeavyBall:
+    """Heavy-ball steps over rows of ``(B, D)`` tensors: ``x + s (F(x) - x) + mu (x - x_prev)``.
+
+    With ``mu``/``s`` None the first ``warmup`` steps are plain (``x <- F(x)``); the median over
+    samples of the last ratio of successive residual norms estimates the contraction rate ``rho``,
+    and :func:`heavy_ball_parameters` turns it into ``(mu, s)`` (the optimum for a Jacobian with its
+    spectrum in ``[-rho, rho]``). The rule sees only the first steps, never the solve's outcome; early
+    ratios underestimate ``rho`` when the spectrum is spread (on a linear map with eigenvalues spread
+    over [-0.95, 0.95] it reaches 1e-8 in 170 evaluations, plain iteration in 299, the true ``rho`` in 62).
+    """
+
+    def __init__(self, mu: float | None = None, s: float | None = None, warmup: int = 5):
+        if (mu is None) != (s is None):
+            raise ValueError("heavy-ball mu and s are set together, or both chosen by the rule (None).")
+        self.mu, self.s, self.warmup = mu, s, warmup
+        self.prev: torch.Tensor | None = None
+        self.norms: list[torch.Tensor] = []
+
+    def step(self, x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            g = fx - x
+            if self.mu is None:
+                self.norms.append(g.norm(dim=1))
+                if len(self.norms) < max(self.warmup, 2):
+                    self.prev = x
+                    return fx
+                ratio = self.norms[-1] / self.norms[-2].clamp_min(torch.finfo(g.dtype).tiny)
+                self.mu, self.s = heavy_ball_parameters(float(ratio.median()))
+            nxt = x + self.s * g
+            if self.prev is not None:
+                nxt = nxt + self.mu * (x - self.prev)
+            self.prev = x
+            return nxt
+
+
 def solve_fixed_point(
     f: StepFn,
     x0: torch.Tensor,
@@ -144,6 +184,7 @@ def solve_fixed_point(
     anderson_lam: float = 1e-4,
     anderson_beta: float = 1.0,
     on_eval: Callable[[torch.Tensor], None] | None = None,
+    heavy_ball: tuple[float | None, float | None] = (None, None),
 ) -> SolverResult:
     """Solve ``h = f(h)`` from ``x0`` with ``solver`` in :data:`SOLVERS`.
 
@@ -152,7 +193,8 @@ def solve_fixed_point(
     below ``tol`` or after ``max_steps`` evaluations (``fixed`` or ``tol=0``: always
     ``max_steps``). ``on_eval`` sees each image (for recording states). With autograd on,
     the graph runs through every step (plain iteration only: back-propagating through
-    Anderson's fit is not supported). Raises ``FloatingPointError`` naming the step on
+    Anderson's fit or heavy-ball's extrapolation is not supported). ``heavy_ball`` is ``(mu, s)``
+    of the ``heavyball`` solver (``(None, None)``: by :class:`HeavyBall`'s rule). Raises ``FloatingPointError`` naming the step on
     NaN or inf.
     """
     if solver not in SOLVERS:
@@ -161,7 +203,10 @@ def solve_fixed_point(
         raise ValueError(f"max_steps must be >= 1; got {max_steps}.")
     if tol < 0:
         raise ValueError(f"tol must be >= 0 (0 runs all max_steps); got {tol}.")
-    mixer = AndersonMixer(anderson_m, anderson_lam, anderson_beta) if solver == "anderson" else None
+    if solver == "anderson":
+        mixer: AndersonMixer | HeavyBall | None = AndersonMixer(anderson_m, anderson_lam, anderson_beta)
+    else:
+        mixer = HeavyBall(*heavy_ball) if solver == "heavyball" else None
     batch = x0.shape[0]
     steps = torch.ones(batch, dtype=torch.long, device=x0.device)
     x = x0
@@ -170,7 +215,7 @@ def solve_fixed_point(
         check_finite(fx, t, max_steps, solver)
         if mixer is not None and fx.requires_grad:
             raise ValueError(
-                "The anderson solver runs without an autograd graph: call it under torch.no_grad() "
+                f"The {solver} solver runs without an autograd graph: call it under torch.no_grad() "
                 "(RBP/C-RBP do), or use the iterate solver to back-propagate through the steps."
             )
         if on_eval is not None:
