@@ -172,3 +172,23 @@ def test_config_wraps_the_cell_with_state_momentum():
     assert isinstance(dyn.cell, StateMomentumCell) and (dyn.cell.mu, dyn.cell.s) == (0.6, 0.5)
     h, aux = dyn.train()(torch.rand(2, 2, 5, 5))
     assert h.shape == (2, 2, 5, 5) and aux["solver"] == "heavyball"
+
+
+def test_sequence_tasks_and_variants_are_what_they_claim():
+    import numpy as np
+
+    from rfpn.sequences import VARIANTS, SequenceModel, make_task, train_run
+
+    adding = make_task("adding", length=20)
+    x, y = adding.batch(np.random.default_rng(0), 4)
+    assert x.shape == (4, 20, 2) and torch.allclose(y[:, 0], (x[..., 0] * x[..., 1]).sum(1))
+    assert (x[..., 1].sum(1) == 2).all()
+    digits, permuted = make_task("digits"), make_task("permuted_digits")
+    assert digits.test[0].shape == (360, 64, 1) and torch.equal(digits.test[1], permuted.test[1])
+    assert torch.equal(digits.test[0].sort(1).values, permuted.test[0].sort(1).values)
+    counts = {v: sum(p.numel() for p in SequenceModel(1, 8, 10, v).parameters()) for v in VARIANTS}
+    assert len(set(counts.values())) == 1, "every variant has the same parameters"
+    result = train_run(digits, "momentum", seed=0, iters=40, hidden=16, eval_every=20)
+    assert [it for it, _ in result.curve] == [20, 40] and 0.0 <= result.final_metric <= 1.0
+    with pytest.raises(ValueError, match="task='mnist' is not valid"):
+        make_task("mnist")

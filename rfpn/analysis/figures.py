@@ -23,6 +23,7 @@ __all__ = [
     "plot_flood_fill",
     "plot_generalization",
     "plot_gradient_agreement",
+    "plot_learning_curves",
     "plot_penalty_weight_curves",
     "plot_iou_vs_step",
     "plot_readout_grid",
@@ -269,6 +270,24 @@ def plot_penalty_weight_curves(
     bottom.set_yscale("log")
     bottom.set_xlabel("iteration", fontsize=8)
     for ax in (top, bottom):
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_learning_curves(
+    path: str, panels: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], ylabels: Mapping[str, str]
+) -> str:
+    """One panel per task: a curve per variant, ``(iteration, metric)`` (e.g. means over seeds)."""
+    fig = Figure(figsize=(4.2 * max(len(panels), 1), 3.2))
+    for i, (task, curves) in enumerate(panels.items(), start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        for variant, points in curves.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=variant, linewidth=1)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylabel(ylabels.get(task, ""), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     fig.tight_layout()

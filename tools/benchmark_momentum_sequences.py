@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""MomentumRNN's claim on sequences: LSTM vs momentum LSTM vs the reviewers' controls, over seeds.
+
+Trains every variant of :mod:`rfpn.sequences` on every task with equal parameters, learning rate
+and iterations, and reports the final metric and the iterations to the task's threshold (accuracy
+0.8 on the digits, MSE 0.05 on the adding problem). Finished runs are kept as
+``<output-dir>/runs/<task>_<variant>_seed<N>.json``, so an interrupted benchmark resumes::
+
+    python tools/benchmark_momentum_sequences.py --seeds 0 1 2 --copy-to-docs
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+from rfpn.analysis.figures import plot_learning_curves
+from rfpn.sequences import TASKS, VARIANTS, make_task, train_run
+from rfpn.utils import run_cli
+from rfpn.utils.jobs import write_json_atomic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITERS = {"digits": 1500, "permuted_digits": 1500, "adding": 2000}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    rows = []
+    for task in TASKS:
+        for variant in VARIANTS:
+            mine = [r for r in runs if r["task"] == task and r["variant"] == variant]
+            if not mine:
+                continue
+            reached = [r["iterations_to_threshold"] for r in mine if r["iterations_to_threshold"] is not None]
+            finals = [r["final_metric"] for r in mine]
+            rows.append({
+                "task": task, "variant": variant, "seeds": len(mine), "final_mean": statistics.mean(finals),
+                "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "reached": len(reached), "iterations_to_threshold_mean": statistics.mean(reached) if reached else None,
+            })
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--iters", type=int, default=0, help="iterations per run (0: 1500 digits, 2000 adding)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--length", type=int, default=200, help="steps of the adding problem")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output-dir", default=os.path.join("output", "momentum_sequences"))
+    p.add_argument("--copy-to-docs", action="store_true", help="copy the JSON to benchmarks/results, the PNG to docs/figures")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_dir = os.path.join(args.output_dir, "runs")
+    os.makedirs(run_dir, exist_ok=True)
+    runs = []
+    for task_name in args.tasks:
+        task = make_task(task_name, args.length)
+        for seed in args.seeds:
+            for variant in args.variants:
+                path = os.path.join(run_dir, f"{task_name}_{variant}_seed{seed}.json")
+                if not os.path.isfile(path):
+                    result = train_run(task, variant, seed, args.iters or ITERS[task_name], hidden=args.hidden)
+                    write_json_atomic(path, dataclasses.asdict(result))
+                    print(f"{task_name} {variant} seed {seed}: {result.final_metric:.4f}, threshold at "
+                          f"{result.iterations_to_threshold}, {result.seconds:.0f} s", flush=True)
+                with open(path) as f:
+                    runs.append(json.load(f))
+    rows = summarise(runs)
+    panels = {}
+    for task_name in args.tasks:
+        panels[task_name] = {}
+        for variant in args.variants:
+            curves = [r["curve"] for r in runs if r["task"] == task_name and r["variant"] == variant]
+            if curves:
+                steps = [it for it, _ in curves[0]]
+                panels[task_name][variant] = list(zip(steps, np.mean([[m for _, m in c] for c in curves], 0)))
+    ylabels = {"digits": "test accuracy", "permuted_digits": "test accuracy", "adding": "held-out MSE"}
+    png = plot_learning_curves(os.path.join(args.output_dir, "momentum_sequences.png"), panels, ylabels)
+    out = os.path.join(args.output_dir, "momentum_sequences.json")
+    write_json_atomic(out, {"args": vars(args), "summary": rows, "runs": runs})
+    print("| task | variant | seeds | final metric (mean +- std) | seeds reaching the threshold | iterations to it (mean) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        its = f"{r['iterations_to_threshold_mean']:.0f}" if r["iterations_to_threshold_mean"] is not None else "-"
+        print(f"| {r['task']} | {r['variant']} | {r['seeds']} | {r['final_mean']:.3f} +- {r['final_std']:.3f} | "
+              f"{r['reached']} | {its} |")
+    if args.copy_to_docs:
+        shutil.copy(out, os.path.join(REPO, "benchmarks", "results", "momentum_sequences.json"))
+        shutil.copy(png, os.path.join(REPO, "docs", "figures", "momentum_sequences.png"))
+    print(f"Wrote {out} and {png}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
