@@ -311,8 +311,9 @@ def test_benchmark_solvers_writes_json_and_png(tmp_path):
     report = json.loads((tmp_path / "solvers.json").read_text())
     assert (tmp_path / "residual_vs_evals.png").stat().st_size > 0
     assert {(r["solver"], r["tol"]) for r in report["results"]} == {
-        (s, t) for s in ("iterate", "anderson") for t in (1e-2, 1e-4)
+        (s, t) for s in ("iterate", "anderson", "heavyball") for t in (1e-2, 1e-4)
     }
+    assert set(report["speedup_over_iterate"]) == {"anderson", "heavyball"}
     for row in report["results"]:
         assert row["stop_reason"] == "converged" and row["max_relative_residual"] < row["tol"]
         trace = [p["max_relative_residual"] for p in report["traces"][row["solver"]]]

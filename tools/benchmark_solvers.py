@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Function evaluations and wall time to reach the fixed point: plain iteration vs Anderson.
+"""Function evaluations and wall time to reach the fixed point: plain iteration vs Anderson vs heavy ball.
 
 The model is a Pathfinder segmentor (squared Gabor/DoG input filters, then the hGRU). By
 default it is randomly initialised at the CPU scale (16 channels, 7x7 kernels, 64x64
@@ -34,7 +34,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_JSON = REPO_ROOT / "benchmarks" / "results" / "solvers.json"
 DOCS_FIGURE = REPO_ROOT / "docs" / "figures" / "solver_residuals.png"
-SOLVERS = ("iterate", "anderson")
+SOLVERS = ("iterate", "anderson", "heavyball")
 CPU_SCALE = ["MODEL.RECURRENT.CHANNELS", "16", "MODEL.RECURRENT.KERNEL_SIZE", "7", "MODEL.RECURRENT.NORM", "gn"]
 
 logger = logging.getLogger("rfpn.benchmark_solvers")
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-3, 1e-5], help="relative-residual tolerances")
     parser.add_argument("--max-steps", type=int, default=500, help="cap on function evaluations per solve")
     parser.add_argument("--anderson-m", type=int, default=5, help="Anderson history length")
+    parser.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS),
+                        help="solvers to compare (heavyball picks its momentum by its rule: the first plain steps' contraction)")
     parser.add_argument("--repeats", type=int, default=3, help="timed solves per (solver, tol); the median is kept")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output-dir", default="output/benchmark_solvers", help="where to write JSON and PNG")
@@ -134,15 +136,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cell = model.core.cell
     logger.info("drive %s, cell %s", tuple(drive.shape), type(cell).__name__)
     traces: dict[str, list[tuple[float, float]]] = {}
-    for solver in SOLVERS:
+    for solver in args.solvers:
         traces[solver] = []
         solve(cell, drive, solver, min(args.tols), args.max_steps, args.anderson_m, traces[solver])
     rows = []
     for tol in sorted(args.tols, reverse=True):
-        times: dict[str, list[float]] = {solver: [] for solver in SOLVERS}
+        times: dict[str, list[float]] = {solver: [] for solver in args.solvers}
         results = {}
-        for _ in range(args.repeats):  # interleaved, so load from other processes hits both solvers alike
-            for solver in SOLVERS:
+        for _ in range(args.repeats):  # interleaved, so load from other processes hits every solver alike
+            for solver in args.solvers:
                 results[solver], seconds = solve(cell, drive, solver, tol, args.max_steps, args.anderson_m)
                 times[solver].append(seconds)
         for solver, result in results.items():
@@ -162,21 +164,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "%-8s tol %.0e: %d evaluations (%s), %.2f s", solver, tol, result.evals, result.stop_reason,
                 rows[-1]["wall_s"],
             )
-    speedups = {}
+    speedups: dict[str, dict[str, dict]] = {}
     for tol in args.tols:
         by_solver = {r["solver"]: r for r in rows if r["tol"] == tol}
-        plain, anderson = by_solver["iterate"], by_solver["anderson"]
-        both = plain["stop_reason"] == anderson["stop_reason"] == "converged"
-        speedups[f"{tol:g}"] = {
-            "evals_ratio": plain["evals"] / anderson["evals"] if both else None,
-            "wall_ratio": plain["wall_s"] / anderson["wall_s"] if both else None,
-        }
+        plain = by_solver.get("iterate")
+        for solver, row in by_solver.items():
+            if plain is None or solver == "iterate":
+                continue
+            both = plain["stop_reason"] == row["stop_reason"] == "converged"
+            speedups.setdefault(solver, {})[f"{tol:g}"] = {
+                "evals_ratio": plain["evals"] / row["evals"] if both else None,
+                "wall_ratio": plain["wall_s"] / row["wall_s"] if both else None,
+            }
     return {
         "settings": {k: v for k, v in vars(args).items() if k not in ("copy_to_docs",)},
         "drive_shape": list(drive.shape),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
         "results": rows,
-        "speedup_iterate_over_anderson": speedups,
+        "speedup_iterate_over_anderson": speedups.get("anderson", {}),
+        "speedup_over_iterate": speedups,
         "traces": {s: [{"wall_s": t, "max_relative_residual": r} for t, r in tr] for s, tr in traces.items()},
     }
 
@@ -212,9 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     (out / "solvers.json").write_text(json.dumps(report, indent=1))
     plot(report, out / "residual_vs_evals.png")
     logger.info("wrote %s and %s", out / "solvers.json", out / "residual_vs_evals.png")
-    for tol, ratio in report["speedup_iterate_over_anderson"].items():
-        logger.info("tol %s: plain iteration / Anderson = %s evaluations, %s wall time", tol,
-                    ratio["evals_ratio"], ratio["wall_ratio"])
+    for solver, by_tol in report["speedup_over_iterate"].items():
+        for tol, ratio in by_tol.items():
+            logger.info("tol %s: plain iteration / %s = %s evaluations, %s wall time", tol, solver,
+                        ratio["evals_ratio"], ratio["wall_ratio"])
     if args.copy_to_docs:
         for src, dst in ((out / "solvers.json", DOCS_JSON), (out / "residual_vs_evals.png", DOCS_FIGURE)):
             dst.parent.mkdir(parents=True, exist_ok=True)
