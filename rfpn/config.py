@@ -32,7 +32,8 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.GATE = "conv"  # hGRU gain gate: "conv" (1x1 conv) or "gala" (global x local attention)
     _C.STEPS = 8  # training steps N
     _C.TEST_STEPS = 0  # inference steps; 0 reuses STEPS (may exceed STEPS)
-    # gradient method: "bptt", "rbp" (implicit), "jfb" (Jacobian-free), "phantom" (phantom gradients), or any of
+    # gradient method: "bptt", "rbp" (implicit), "jfb" (Jacobian-free), "phantom" (phantom gradients),
+    # "reversible" (exact, constant memory, momentum-coupled dynamics), or any of
     # them with a "c" prefix ("cbptt", "crbp", "cjfb", "cphantom"), which switches the LCP on
     _C.GRAD = "crbp"
     _C.NEUMANN_STEPS = 15  # max terms of the Neumann series in the RBP backward
@@ -46,6 +47,9 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.JACOBIAN_PROBES = 1  # PENALTY "jacobian": Gaussian probes of the Hutchinson estimate of ||J||_F^2
     _C.PHANTOM_STEPS = 5  # GRAD phantom: damped steps k recorded with the graph (k = 1, tau = 1 is jfb)
     _C.PHANTOM_TAU = 0.5  # GRAD phantom: damping tau of h <- tau * F(x, h) + (1 - tau) * h, in (0, 1]
+    # GRAD reversible: how a step is made invertible ("momentum": v' = gamma v + (1 - gamma)(F(x, h) - h), h' = h + v')
+    _C.COUPLING = "momentum"
+    _C.REVERSIBLE_GAMMA = 0.9  # GRAD reversible: gamma of the momentum coupling, in (0, 1]
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
     # forward solver: "fixed" (STEPS / TEST_STEPS steps), or "iterate" / "anderson" / "heavyball" (stop on TOL)
     _C.SOLVER = "fixed"

@@ -79,6 +79,11 @@ def validate_settings(
             f"{forward.solver!r} with a method that solves without a graph (rbp, jfb, phantom and their c-variants), "
             f"or solver 'fixed'/'iterate' with any {grad_name}."
         )
+    if method.fixed_steps and forward.solver != "fixed":
+        raise ValueError(
+            f"{grad_name}={grad!r} runs exactly {steps_name} steps; allowed values of "
+            f"{forward.field_name('solver', naming)}: fixed (got {forward.solver!r})."
+        )
     kind = penalty.kind or ("lcp" if lcp_by_name else "none")
     if lcp_by_name and kind != "lcp":
         raise ValueError(
@@ -130,6 +135,7 @@ class _TrainingRun:
         self.forward_options = dynamics.forward_options
         self.backward_options = dynamics.backward_options
         self.penalty_active = dynamics.penalty_kind != "none"
+        self.cell = dynamics.cell
 
     def step(self, x: torch.Tensor, h: torch.Tensor, t: int, total: int, record: bool = True) -> torch.Tensor:
         out = self.dynamics.evaluate(x, h)

@@ -17,6 +17,8 @@ The built-in methods:
 - ``phantom``: phantom gradients (Geng et al. 2021): from the detached solution, ``k``
   damped steps ``h <- tau F(x, h) + (1 - tau) h`` recorded with the graph; ``k = 1,
   tau = 1`` is ``jfb``.
+- ``reversible``: ``n`` momentum-coupled steps through :class:`~rfpn.recurrent.reversible.ReversibleChain`:
+  the exact BPTT gradient of the coupled dynamics in constant memory (fixed solver only).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class DynamicsRun(Protocol):
     forward_options: ForwardOptions
     backward_options: BackwardOptions
     penalty_active: bool  # a penalty will differentiate the last step with respect to its input
+    cell: torch.nn.Module
 
     def step(self, x: torch.Tensor, h: torch.Tensor, t: int, total: int, record: bool = True) -> torch.Tensor: ...
 
@@ -85,6 +88,7 @@ class GradientMethod:
 
     name: ClassVar[str] = ""
     through_solver: ClassVar[bool] = False  # back-propagates through every forward step
+    fixed_steps: ClassVar[bool] = False  # runs exactly n steps (needs the fixed solver)
     implicit: ClassVar[bool] = False  # solves (I - J^T) u = g in backward (reports BackwardStats)
 
     def train(self, run: DynamicsRun, x: torch.Tensor, state: torch.Tensor, n: int, tol: float) -> RecordedStep:
@@ -225,3 +229,25 @@ class PhantomGradient(GradientMethod):
             h = tau * f_out + (1.0 - tau) * h_in if tau != 1.0 else f_out
             run.record(h)
         return RecordedStep(h_in, f_out, h, solve.finish(k))
+
+
+@register_gradient_method
+class ReversibleMomentum(GradientMethod):
+    """``reversible``: exact gradient of ``n`` momentum-coupled steps, memory flat in ``n``.
+
+    The penalty (and the residual statistics) are taken at the reached state: one more cell
+    evaluation ``F(x, h_n)``, with the graph only when a penalty needs it.
+    """
+
+    name = "reversible"
+    fixed_steps = True
+
+    def train(self, run, x, state, n, tol):
+        from .reversible import reversible_momentum
+
+        h, _ = reversible_momentum(run.cell, x, state, n, run.backward_options.reversible_gamma)
+        h_in = h.detach().requires_grad_(run.penalty_active)
+        with torch.set_grad_enabled(run.penalty_active):
+            f_out = run.step(x, h_in, n + 1, n + 1, record=False)
+        run.record(h)
+        return RecordedStep(h_in, f_out, h, SolveInfo(n, "fixed", None))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 SOLVERS = ("fixed", "iterate", "anderson", "heavyball")
 BACKWARD_SOLVERS = ("neumann", "anderson")
 PENALTIES = ("none", "lcp", "jacobian")
+COUPLINGS = ("momentum",)
 
 Naming = Callable[[Any], str]
 
@@ -122,6 +123,8 @@ class BackwardOptions(_Validated):
     anderson_m: int = _opt(5, "anderson_m", "ANDERSON_M", "Anderson history of the backward solve")
     phantom_steps: int = _opt(5, "phantom_steps", "PHANTOM_STEPS", "phantom: damped steps recorded with the graph")
     phantom_tau: float = _opt(0.5, "phantom_tau", "PHANTOM_TAU", "phantom: damping tau of h <- tau F + (1-tau) h")
+    coupling: str = _opt("momentum", "coupling", "COUPLING", "reversible: how a step is made invertible")
+    reversible_gamma: float = _opt(0.9, "reversible_gamma", "REVERSIBLE_GAMMA", "reversible momentum coupling gamma")
 
     CHECKS = {
         "solver": _choice(*BACKWARD_SOLVERS),
@@ -133,6 +136,8 @@ class BackwardOptions(_Validated):
         "anderson_m": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
         "phantom_steps": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
         "phantom_tau": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+        "coupling": _choice(*COUPLINGS),
+        "reversible_gamma": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
     }
 
 

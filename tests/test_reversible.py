@@ -1,0 +1,97 @@
+"""Reversible recurrences: the memory-free chain gives BPTT's gradient of the coupled dynamics in flat memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rfpn.recurrent import ConvLSTMCell, RecurrentDynamics, StateMomentumCell, saved_tensor_bytes
+from rfpn.recurrent.reversible import reconstruction_error
+
+from test_recurrent_gradients import tiny_hgru
+
+GAMMA = 0.8
+
+
+def _grads(dyn: RecurrentDynamics, x: torch.Tensor, weight: torch.Tensor, params) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    h, aux = dyn.train()(x)
+    ((h * weight).sum() + aux["penalty"]).backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("cell_kind", ["hgru-none", "hgru-gn", "hgru-bn", "convlstm"])
+def test_reversible_gradient_equals_bptt_through_the_same_coupled_dynamics(cell_kind):
+    torch.manual_seed(0)
+    if cell_kind == "convlstm":
+        cell = ConvLSTMCell(2, 3).double()
+    else:
+        cell = tiny_hgru(cell_kind.split("-")[1], scale=0.5)
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    weight = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    params = list(cell.parameters())
+    reversible = _grads(RecurrentDynamics(cell, steps=12, grad="reversible", reversible_gamma=GAMMA), x, weight, params)
+    coupled = StateMomentumCell(cell, mu=GAMMA, s=1 - GAMMA)
+    bptt = _grads(RecurrentDynamics(coupled, steps=12, grad="bptt"), x, weight, params)
+    for r, b in zip(reversible, bptt):
+        assert torch.allclose(r, b, rtol=1e-8, atol=1e-11)
+
+
+def test_reversible_memory_does_not_grow_with_steps_and_the_lcp_variant_trains():
+    torch.manual_seed(0)
+    from rfpn.recurrent import HGRUCell
+
+    dyn = RecurrentDynamics(HGRUCell(4, 3, norm="gn"), steps=5, grad="reversible").train()
+    x = torch.rand(2, 4, 6, 6)
+    saved = []
+    for steps in (5, 80):
+        dyn.steps = steps
+        with saved_tensor_bytes() as counter:
+            h, aux = dyn(x)
+            h.mean().backward()
+        saved.append(counter.peak_bytes)
+        assert aux["steps"] == steps
+    assert saved[0] == saved[1] > 0
+    bptt = RecurrentDynamics(StateMomentumCell(HGRUCell(4, 3, norm="gn"), GAMMA, 1 - GAMMA), steps=80, grad="bptt").train()
+    with saved_tensor_bytes() as counter:
+        h, _ = bptt(x)
+        h.mean().backward()
+    assert counter.peak_bytes == counter.forward_bytes > 10 * saved[1], "BPTT holds every step until backward"
+    lcp = RecurrentDynamics(HGRUCell(4, 3, norm="gn"), steps=5, grad="creversible", lcp_lambda=0.0).train()
+    h, aux = lcp(x)
+    (h.mean() + aux["penalty"]).backward()
+    assert aux["penalty"] > 0 and lcp.cell.w_exc.weight.grad is not None
+
+
+def test_float_reconstruction_error_is_recorded(record_property):
+    cell = tiny_hgru("gn", scale=0.5).float()
+    x = torch.rand(2, 2, 6, 6)
+    errors = reconstruction_error(cell, x, torch.zeros_like(x), 60, GAMMA)
+    record_property("reconstruction_error_float32_after", {k: errors[k - 1] for k in (1, 10, 30, 60)})
+    assert all(e == e for e in errors) and errors[0] < 1e-4, errors[:3]
+    exact = reconstruction_error(cell.double(), x.double(), torch.zeros_like(x.double()), 60, GAMMA)
+    assert max(exact) < max(errors), "float64 drifts less than float32"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"REVERSIBLE_GAMMA": 0.0}, r"MODEL.RECURRENT.REVERSIBLE_GAMMA=0.0 is not valid; allowed values: a number in \(0, 1\]"),
+        ({"REVERSIBLE_GAMMA": 1.5}, r"MODEL.RECURRENT.REVERSIBLE_GAMMA=1.5 is not valid"),
+        ({"COUPLING": "additive"}, "MODEL.RECURRENT.COUPLING='additive' is not valid; allowed values: momentum"),
+        ({"SOLVER": "anderson"}, "MODEL.RECURRENT.GRAD='reversible' runs exactly MODEL.RECURRENT.STEPS steps"),
+    ],
+)
+def test_reversible_keys_are_validated(overrides, message):
+    from detectron2.config import get_cfg
+
+    from rfpn.config import add_rfpn_config
+    from rfpn.modeling import build_recurrent_dynamics
+
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    cfg.MODEL.RECURRENT.update(CHANNELS=2, KERNEL_SIZE=3, GRAD="reversible", **overrides)
+    with pytest.raises(ValueError, match=message):
+        build_recurrent_dynamics(cfg)
