@@ -124,3 +124,15 @@ def test_bf16_training_writes_an_fp32_checkpoint_that_evaluates_in_either_mode(t
     half = train_net.main(_args(tmp_path, "MODEL.WEIGHTS", str(checkpoint), "SOLVER.AMP.ENABLED", "True", eval_only=True))
     assert half["pathfinder"]["IoU"] == pytest.approx(results["pathfinder"]["IoU"])
     assert abs(full["pathfinder"]["IoU"] - half["pathfinder"]["IoU"]) < 0.05
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
+    monkeypatch.setattr(amp, "native_bf16_cpu", lambda: False)
+    with caplog.at_level("WARNING", logger="rfpn.engine.amp"):
+        assert amp.resolve_precision(_amp_cfg()).dtype == torch.bfloat16
+    assert any("no native bf16" in r.message and "SOLVER.AMP.ENABLED False" in r.message for r in caplog.records)
+    monkeypatch.setattr(amp, "native_bf16_cpu", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rfpn.engine.amp"):
+        amp.resolve_precision(_amp_cfg())
+    assert not caplog.records
