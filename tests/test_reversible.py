@@ -95,3 +95,39 @@ def test_reversible_keys_are_validated(overrides, message):
     cfg.MODEL.RECURRENT.update(CHANNELS=2, KERNEL_SIZE=3, GRAD="reversible", **overrides)
     with pytest.raises(ValueError, match=message):
         build_recurrent_dynamics(cfg)
+
+
+class RunningStatsCell(torch.nn.Module):
+    """``softplus(BN(conv(h)) + x)`` with a BatchNorm that tracks running statistics."""
+
+    def __init__(self, channels: int = 2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(channels)
+        self.channels = self.state_channels = channels
+
+    def init_state(self, x):
+        return torch.zeros_like(x)
+
+    def readout(self, h):
+        return h
+
+    def forward(self, x, h):
+        return torch.nn.functional.softplus(self.norm(self.conv(h)) + x)
+
+
+def test_recomputation_does_not_update_running_statistics_twice():
+    torch.manual_seed(0)
+    x = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    weight = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    a = RunningStatsCell().double()
+    b = RunningStatsCell().double()
+    b.load_state_dict(a.state_dict())
+    grads_rev = _grads(RecurrentDynamics(a, steps=6, grad="reversible", reversible_gamma=GAMMA), x, weight,
+                       list(a.parameters()))
+    grads_bptt = _grads(RecurrentDynamics(StateMomentumCell(b, GAMMA, 1 - GAMMA), steps=6, grad="bptt"), x, weight,
+                        list(b.parameters()))
+    for r, q in zip(grads_rev, grads_bptt):
+        assert torch.allclose(r, q, rtol=1e-8, atol=1e-11)
+    assert int(a.norm.num_batches_tracked) == int(b.norm.num_batches_tracked) == 6
+    assert torch.allclose(a.norm.running_mean, b.norm.running_mean) and torch.allclose(a.norm.running_var, b.norm.running_var)

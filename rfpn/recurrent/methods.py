@@ -243,11 +243,11 @@ class ReversibleMomentum(GradientMethod):
     fixed_steps = True
 
     def train(self, run, x, state, n, tol):
-        from .reversible import reversible_momentum
+        from .reversible import reversible_momentum, running_stats_frozen
 
         h, _ = reversible_momentum(run.cell, x, state, n, run.backward_options.reversible_gamma)
         h_in = h.detach().requires_grad_(run.penalty_active)
-        with torch.set_grad_enabled(run.penalty_active):
+        with torch.set_grad_enabled(run.penalty_active), running_stats_frozen(run.cell):
             f_out = run.step(x, h_in, n + 1, n + 1, record=False)
         run.record(h)
         return RecordedStep(h_in, f_out, h, SolveInfo(n, "fixed", None))

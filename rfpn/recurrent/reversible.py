@@ -15,14 +15,30 @@ states drift from the forward ones as ``n`` grows; :func:`reconstruction_error` 
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from .momentum import momentum_inverse, momentum_step
 
-__all__ = ["ReversibleChain", "reconstruction_error", "reversible_momentum"]
+__all__ = ["ReversibleChain", "reconstruction_error", "reversible_momentum", "running_stats_frozen"]
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Restore every norm layer's running statistics afterwards: the backward's recomputation and
+    inverses evaluate the cell again, and must not count as more training batches."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
 
 
 def _step(cell: nn.Module, x: torch.Tensor, h: torch.Tensor, v: torch.Tensor, gamma: float):
@@ -61,6 +77,14 @@ class ReversibleChain(torch.autograd.Function):
         grad_v = torch.zeros_like(v) if grad_v is None else grad_v
         grad_x = torch.zeros_like(x)
         grad_params = [torch.zeros_like(p) for p in params]
+        with running_stats_frozen(cell):
+            grad_x, grad_h, grad_v = ReversibleChain._walk_back(ctx, cell, gamma, params, x, h, v, grad_h, grad_v,
+                                                               grad_x, grad_params)
+        return (None, None, None, grad_x, grad_h, grad_v, *grad_params)
+
+    @staticmethod
+    def _walk_back(ctx, cell, gamma, params, x, h, v, grad_h, grad_v, grad_x, grad_params):
+        """Invert the chain step by step, back-propagating through each re-run step; returns the input grads."""
         for _ in range(ctx.n):
             with torch.no_grad():
                 h_prev, v_prev = _inverse(cell, x, h, v, gamma)
@@ -78,7 +102,7 @@ class ReversibleChain(torch.autograd.Function):
                 if g is not None:
                     acc.add_(g)
             h, v = h_prev, v_prev
-        return (None, None, None, grad_x, grad_h, grad_v, *grad_params)
+        return grad_x, grad_h, grad_v
 
 
 def reversible_momentum(cell: nn.Module, x: torch.Tensor, h0: torch.Tensor, n: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
