@@ -80,9 +80,6 @@ def check_and_launch(args) -> None:
         raise UsageError("--dist-url auto works on one machine only; give every machine tcp://<rank-0 host>:<port>.")
     cfg = checked_config(args)
     processes = args.num_gpus * args.num_machines
-    if processes > 1:  # a dataset that is registered but missing or damaged fails here, not in every worker
-        for name in (*([] if args.eval_only else cfg.DATASETS.TRAIN), *cfg.DATASETS.TEST):
-            DatasetCatalog.get(name)
     if processes > 1 and torch.cuda.is_available():
         if cfg.MODEL.DEVICE == "cpu":
             raise UsageError(
@@ -93,6 +90,9 @@ def check_and_launch(args) -> None:
             raise UsageError(
                 f"--num-gpus {args.num_gpus} but this machine has {torch.cuda.device_count()} GPU(s); use at most that many."
             )
+    if processes > 1:  # a dataset that is registered but missing or damaged fails here, not in every worker
+        for name in (*([] if args.eval_only else cfg.DATASETS.TRAIN), *cfg.DATASETS.TEST):
+            DatasetCatalog.get(name)
     launch(
         main,
         args.num_gpus,
