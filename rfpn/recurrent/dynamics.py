@@ -37,6 +37,7 @@ from torch import nn
 from .gradients import BackwardStats, attach_implicit_backward
 from .methods import GRADS, GradientMethod, RecordedStep, resolve_gradient_method
 from .options import (
+    EXTRAPOLATING_SOLVERS,
     GROUPS,
     keyword_names,
     BackwardOptions,
@@ -72,7 +73,7 @@ def validate_settings(
         raise ValueError(f"{steps_name}={steps!r} is not valid; allowed values: an integer >= 1.")
     for options in (forward, backward, penalty):
         options.validate(naming)
-    if method.through_solver and forward.solver in ("anderson", "heavyball"):
+    if method.through_solver and forward.solver in EXTRAPOLATING_SOLVERS:
         raise ValueError(
             f"{forward.field_name('solver', naming)}={forward.solver!r} cannot train with {grad_name}={grad!r} (its "
             f"extrapolation is not the model's recurrence to back-propagate through); allowed combinations: solver "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 SOLVERS = ("fixed", "iterate", "anderson", "heavyball")
+EXTRAPOLATING_SOLVERS = ("anderson", "heavyball")  # their iterates are not the model's recurrence
 BACKWARD_SOLVERS = ("neumann", "anderson")
 PENALTIES = ("none", "lcp", "jacobian")
 COUPLINGS = ("momentum",)

@@ -92,6 +92,7 @@ def load_config(
         from rfpn.config import add_rfpn_config as add_config
     cfg = get_cfg()
     add_config(cfg)
+    defaults = cfg.clone()
     if not config_file:
         raise UsageError("No config given: pass --config-file, e.g. --config-file configs/Pathfinder/cpu/Base-Pathfinder-CPU.yaml.")
     if not os.path.isfile(config_file):
@@ -119,18 +120,12 @@ def load_config(
             if match:
                 raise _unknown_key_error(cfg, match.group(1), source) from None
             raise UsageError(f"Bad config value {source}: {message}") from None
-    _check_no_none(cfg, _defaults(add_config))
+    _check_no_none(cfg, defaults)
     for validate in validators:
         try:
             validate(cfg)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    return cfg
-
-
-def _defaults(add_config: Callable[[CfgNode], None]) -> CfgNode:
-    cfg = get_cfg()
-    add_config(cfg)
     return cfg
 
 
