@@ -47,9 +47,14 @@ def add_recurrent_config(cfg: CN) -> None:
     _C.JACOBIAN_PROBES = 1  # PENALTY "jacobian": Gaussian probes of the Hutchinson estimate of ||J||_F^2
     _C.PHANTOM_STEPS = 5  # GRAD phantom: damped steps k recorded with the graph (k = 1, tau = 1 is jfb)
     _C.PHANTOM_TAU = 0.5  # GRAD phantom: damping tau of h <- tau * F(x, h) + (1 - tau) * h, in (0, 1]
-    # GRAD reversible: how a step is made invertible ("momentum": v' = gamma v + (1 - gamma)(F(x, h) - h), h' = h + v')
+    # GRAD reversible: how a step is made invertible. "momentum": v' = gamma v + (1 - gamma)(F(x, h) - h),
+    # h' = h + v' (any cell); "additive": two half-width cells, a' = a + (F_a(x_1, b) - b), b' = b + (F_b(x_2, a') - a')
+    # (CHANNELS must be even; preserves volume, so it does not contract)
     _C.COUPLING = "momentum"
     _C.REVERSIBLE_GAMMA = 0.9  # GRAD reversible: gamma of the momentum coupling, in (0, 1]
+    # GRAD reversible: keep the state in fixed point so the inverse is bit-exact (gamma rounded to k/256;
+    # momentum keeps one byte per element per step)
+    _C.REVERSIBLE_EXACT = False
     _C.EPS = 0.0  # inference early stop: a sample stops once mean |h_{t+1} - h_t| < EPS (0: off)
     # forward solver: "fixed" (STEPS / TEST_STEPS steps), or "iterate" / "anderson" / "heavyball" (stop on TOL)
     _C.SOLVER = "fixed"
@@ -222,6 +227,8 @@ def validate_recurrent_config(cfg: CN) -> None:
         "CHANNELS": (rc.CHANNELS >= 1, "an integer >= 1"),
         "KERNEL_SIZE": (rc.KERNEL_SIZE >= 1 and rc.KERNEL_SIZE % 2 == 1, "an odd integer >= 1"),
     }
+    if rc.COUPLING == "additive" and rc.GRAD.endswith("reversible") and rc.CHANNELS % 2:
+        checks["CHANNELS"] = (False, "an even integer with COUPLING 'additive', which splits the channels in halves")
     for key, (ok, allowed) in checks.items():
         if not ok:
             raise ValueError(f"MODEL.RECURRENT.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")

@@ -4,7 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rfpn.recurrent import ConvLSTMCell, RecurrentDynamics, StateMomentumCell, saved_tensor_bytes
+from rfpn.recurrent import (
+    AdditiveCouplingCell,
+    ConvLSTMCell,
+    HGRUCell,
+    MomentumCoupling,
+    RecurrentDynamics,
+    StateMomentumCell,
+    saved_tensor_bytes,
+)
 from rfpn.recurrent.reversible import reconstruction_error
 
 from test_recurrent_gradients import tiny_hgru
@@ -65,14 +73,80 @@ def test_reversible_memory_does_not_grow_with_steps_and_the_lcp_variant_trains()
     assert aux["penalty"] > 0 and lcp.cell.w_exc.weight.grad is not None
 
 
-def test_float_reconstruction_error_is_recorded(record_property):
-    cell = tiny_hgru("gn", scale=0.5).float()
-    x = torch.rand(2, 2, 6, 6)
-    errors = reconstruction_error(cell, x, torch.zeros_like(x), 60, GAMMA)
-    record_property("reconstruction_error_float32_after", {k: errors[k - 1] for k in (1, 10, 30, 60)})
-    assert all(e == e for e in errors) and errors[0] < 1e-4, errors[:3]
-    exact = reconstruction_error(cell.double(), x.double(), torch.zeros_like(x.double()), 60, GAMMA)
-    assert max(exact) < max(errors), "float64 drifts less than float32"
+def _half_cells(kind: str, channels: int = 4) -> AdditiveCouplingCell:
+    if kind == "convlstm":
+        return AdditiveCouplingCell(lambda c: ConvLSTMCell(c, 3), channels)
+    return AdditiveCouplingCell(lambda c: HGRUCell(c, 3, norm=kind.split("-")[1]), channels)
+
+
+@pytest.mark.parametrize("cell_kind", ["hgru-gn", "hgru-bn", "convlstm"])
+def test_additive_reversible_gradient_equals_bptt_through_the_same_coupled_dynamics(cell_kind):
+    torch.manual_seed(0)
+    cell = _half_cells(cell_kind).double()
+    x = torch.rand(2, 4, 5, 5, dtype=torch.float64)
+    weight = torch.randn(2, cell.channels, 5, 5, dtype=torch.float64)
+    params = list(cell.parameters())
+    bptt_model = _half_cells(cell_kind).double()
+    bptt_model.load_state_dict(cell.state_dict())
+    reversible = _grads(RecurrentDynamics(cell, steps=10, grad="reversible", coupling="additive"), x, weight, params)
+    bptt = _grads(RecurrentDynamics(bptt_model, steps=10, grad="bptt"), x, weight, list(bptt_model.parameters()))
+    for r, b in zip(reversible, bptt):
+        assert torch.allclose(r, b, rtol=1e-8, atol=1e-11)
+    if cell_kind == "hgru-bn":
+        for name, buffer in cell.named_buffers():
+            assert torch.equal(buffer, dict(bptt_model.named_buffers())[name]), f"{name} updated differently"
+
+
+@pytest.mark.parametrize("coupling", ["momentum", "additive"])
+def test_exact_mode_rebuilds_the_trajectory_bit_for_bit_after_300_steps(coupling, record_property):
+    torch.manual_seed(0)
+    if coupling == "momentum":
+        step, x = MomentumCoupling(HGRUCell(2, 3, norm="gn"), GAMMA), torch.rand(2, 2, 6, 6)
+        a0 = b0 = torch.zeros_like(x)
+    else:
+        step, x = _half_cells("hgru-gn"), torch.rand(2, 4, 6, 6)
+        a0 = b0 = torch.zeros(2, 2, 6, 6)
+    assert max(reconstruction_error(step, x, a0, b0, 300, exact=True)) == 0.0
+    floats = reconstruction_error(step, x, a0, b0, 300)
+    record_property(f"{coupling}_float32_reconstruction_error", {k: floats[k - 1] for k in (1, 10, 100, 300)})
+    assert 0 < floats[-1] and floats[0] < 1e-5, "float mode drifts (recorded), from a small first error"
+
+
+def test_exact_mode_gradient_matches_bptt_of_the_rounded_dynamics():
+    torch.manual_seed(0)
+    cell = tiny_hgru("gn", scale=0.5)
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    weight = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    params = list(cell.parameters())
+    exact = RecurrentDynamics(cell, steps=12, grad="reversible", reversible_gamma=0.7, reversible_exact=True)
+    rounded = MomentumCoupling(cell, 0.7, exact=True).gamma
+    assert rounded == 179 / 256
+    grads_exact = _grads(exact, x, weight, params)
+    bptt = _grads(RecurrentDynamics(StateMomentumCell(cell, rounded, 1 - rounded), steps=12, grad="bptt"), x, weight,
+                  params)
+    for r, b in zip(grads_exact, bptt):
+        assert torch.allclose(r, b, rtol=1e-6, atol=1e-8), "differs only by the 2^-32 grid of the trajectory"
+
+
+def test_additive_memory_does_not_grow_with_steps():
+    torch.manual_seed(0)
+    dyn = RecurrentDynamics(_half_cells("hgru-gn"), steps=5, grad="reversible", coupling="additive").train()
+    x = torch.rand(2, 4, 6, 6)
+    saved = []
+    for steps in (5, 80):
+        dyn.steps = steps
+        with saved_tensor_bytes() as counter:
+            h, _ = dyn(x)
+            h.mean().backward()
+        saved.append(counter.peak_bytes)
+    assert saved[0] == saved[1] > 0
+
+
+def test_the_additive_coupling_needs_its_half_cells():
+    with pytest.raises(ValueError, match="coupling='additive' inverts a cell made of two half-width cells; got a HGRUCell"):
+        RecurrentDynamics(HGRUCell(4, 3), steps=3, grad="reversible", coupling="additive")
+    with pytest.raises(ValueError, match="channels=3 must be even"):
+        _half_cells("hgru-gn", channels=3)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +154,9 @@ def test_float_reconstruction_error_is_recorded(record_property):
     [
         ({"REVERSIBLE_GAMMA": 0.0}, r"MODEL.RECURRENT.REVERSIBLE_GAMMA=0.0 is not valid; allowed values: a number in \(0, 1\]"),
         ({"REVERSIBLE_GAMMA": 1.5}, r"MODEL.RECURRENT.REVERSIBLE_GAMMA=1.5 is not valid"),
-        ({"COUPLING": "additive"}, "MODEL.RECURRENT.COUPLING='additive' is not valid; allowed values: momentum"),
+        ({"COUPLING": "sum"}, "MODEL.RECURRENT.COUPLING='sum' is not valid; allowed values: momentum, additive"),
+        ({"COUPLING": "additive", "CHANNELS": 3}, r"MODEL.RECURRENT.CHANNELS=3 is not valid; allowed values: an even"),
+        ({"REVERSIBLE_EXACT": 1}, r"MODEL.RECURRENT.REVERSIBLE_EXACT=1 is not valid; allowed values: True or False"),
         ({"SOLVER": "anderson"}, "MODEL.RECURRENT.GRAD='reversible' runs exactly MODEL.RECURRENT.STEPS steps"),
     ],
 )
@@ -92,9 +168,26 @@ def test_reversible_keys_are_validated(overrides, message):
 
     cfg = get_cfg()
     add_rfpn_config(cfg)
-    cfg.MODEL.RECURRENT.update(CHANNELS=2, KERNEL_SIZE=3, GRAD="reversible", **overrides)
+    cfg.MODEL.RECURRENT.update(CHANNELS=2, KERNEL_SIZE=3, GRAD="reversible")
+    cfg.MODEL.RECURRENT.update(**overrides)
     with pytest.raises(ValueError, match=message):
         build_recurrent_dynamics(cfg)
+
+
+def test_the_config_builds_the_additive_cell():
+    from detectron2.config import get_cfg
+
+    from rfpn.config import add_rfpn_config
+    from rfpn.modeling import build_recurrent_dynamics
+
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    cfg.MODEL.RECURRENT.update(CHANNELS=4, KERNEL_SIZE=3, GRAD="reversible", COUPLING="additive", NORM="gn", STEPS=4)
+    dyn = build_recurrent_dynamics(cfg)
+    assert isinstance(dyn.cell, AdditiveCouplingCell) and dyn.cell.f.cell.channels == 2
+    h, aux = dyn.train()(torch.rand(1, 4, 5, 5))
+    h.sum().backward()
+    assert h.shape == (1, 4, 5, 5) and aux["steps"] == 4
 
 
 class RunningStatsCell(torch.nn.Module):

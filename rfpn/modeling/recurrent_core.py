@@ -9,7 +9,7 @@ from detectron2.config import CfgNode
 from detectron2.utils.events import get_event_storage
 
 from rfpn.config import recurrent_settings, validate_recurrent_config
-from rfpn.recurrent import ConvLSTMCell, HGRUCell, RecurrentDynamics, StateMomentumCell
+from rfpn.recurrent import AdditiveCouplingCell, ConvLSTMCell, HGRUCell, RecurrentDynamics, StateMomentumCell
 
 
 def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> RecurrentDynamics:
@@ -18,10 +18,16 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
     settings = recurrent_settings(cfg)
     rc = cfg.MODEL.RECURRENT
     channels = channels or rc.CHANNELS
-    if rc.CELL == "hgru":
-        cell = HGRUCell(channels, rc.KERNEL_SIZE, norm=rc.NORM, timesteps=rc.STEPS, gate=rc.GATE)
+
+    def make_cell(width: int) -> torch.nn.Module:
+        if rc.CELL == "hgru":
+            return HGRUCell(width, rc.KERNEL_SIZE, norm=rc.NORM, timesteps=rc.STEPS, gate=rc.GATE)
+        return ConvLSTMCell(width, rc.KERNEL_SIZE)
+
+    if settings.backward.coupling == "additive" and settings.grad.endswith("reversible"):
+        cell = AdditiveCouplingCell(make_cell, channels)
     else:
-        cell = ConvLSTMCell(channels, rc.KERNEL_SIZE)
+        cell = make_cell(channels)
     if rc.MOMENTUM > 0 or rc.MOMENTUM_STEP < 1:
         cell = StateMomentumCell(cell, rc.MOMENTUM, rc.MOMENTUM_STEP)
     return RecurrentDynamics(

@@ -32,11 +32,25 @@ from .methods import (
     resolve_gradient_method,
     solve_then_step,
 )
+from .reversible import (
+    AdditiveCoupling,
+    AdditiveCouplingCell,
+    Coupling,
+    MomentumCoupling,
+    ReversibleChain,
+    reversible_chain,
+)
 from .options import BACKWARD_SOLVERS, PENALTIES, SOLVERS, BackwardOptions, ForwardOptions, PenaltyOptions
 from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_penalty
 from .solvers import AndersonMixer, HeavyBall, SolverResult, relative_residual, solve_fixed_point
 
 __all__ = [
+    "AdditiveCoupling",
+    "AdditiveCouplingCell",
+    "Coupling",
+    "MomentumCoupling",
+    "ReversibleChain",
+    "reversible_chain",
     "BACKWARD_SOLVERS",
     "GATES",
     "GRADS",

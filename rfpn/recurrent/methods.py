@@ -17,8 +17,9 @@ The built-in methods:
 - ``phantom``: phantom gradients (Geng et al. 2021): from the detached solution, ``k``
   damped steps ``h <- tau F(x, h) + (1 - tau) h`` recorded with the graph; ``k = 1,
   tau = 1`` is ``jfb``.
-- ``reversible``: ``n`` momentum-coupled steps through :class:`~rfpn.recurrent.reversible.ReversibleChain`:
-  the exact BPTT gradient of the coupled dynamics in constant memory (fixed solver only).
+- ``reversible``: ``n`` coupled steps (momentum or additive) through
+  :class:`~rfpn.recurrent.reversible.ReversibleChain`: the exact BPTT gradient of the coupled
+  dynamics in constant memory (fixed solver only).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from .options import BackwardOptions, ForwardOptions
+from .options import BackwardOptions, ForwardOptions, Naming
 from .solvers import SolverResult
 
 LCP_PREFIX = "c"
@@ -93,6 +94,10 @@ class GradientMethod:
 
     def train(self, run: DynamicsRun, x: torch.Tensor, state: torch.Tensor, n: int, tol: float) -> RecordedStep:
         raise NotImplementedError
+
+    @classmethod
+    def check_cell(cls, cell: torch.nn.Module, backward: BackwardOptions, naming: Naming) -> None:
+        """Raise ``ValueError`` when ``cell`` cannot run with this method and ``backward``'s options."""
 
 
 _REGISTRY: dict[str, type[GradientMethod]] = {}
@@ -232,20 +237,37 @@ class PhantomGradient(GradientMethod):
 
 
 @register_gradient_method
-class ReversibleMomentum(GradientMethod):
-    """``reversible``: exact gradient of ``n`` momentum-coupled steps, memory flat in ``n``.
+class Reversible(GradientMethod):
+    """``reversible``: the exact gradient of ``n`` coupled steps, memory flat in ``n``.
 
-    The penalty (and the residual statistics) are taken at the reached state: one more cell
-    evaluation ``F(x, h_n)``, with the graph only when a penalty needs it.
+    ``coupling="momentum"`` couples any cell (its state gains a velocity that starts at 0);
+    ``"additive"`` needs an :class:`~rfpn.recurrent.reversible.AdditiveCouplingCell`, whose
+    halves it inverts. The penalty (and the residual statistics) are taken at the reached
+    state: one more cell evaluation ``F(x, h_n)``, with the graph only when a penalty needs it.
     """
 
     name = "reversible"
     fixed_steps = True
 
-    def train(self, run, x, state, n, tol):
-        from .reversible import reversible_momentum, running_stats_frozen
+    @classmethod
+    def check_cell(cls, cell, backward, naming):
+        from .reversible import AdditiveCouplingCell
 
-        h, _ = reversible_momentum(run.cell, x, state, n, run.backward_options.reversible_gamma)
+        if backward.coupling == "additive" and not isinstance(cell, AdditiveCouplingCell):
+            raise ValueError(
+                f"{backward.field_name('coupling', naming)}='additive' inverts a cell made of two half-width cells; "
+                f"got a {type(cell).__name__}. Build the cell as AdditiveCouplingCell(make_half_cell, channels) "
+                "(the config does this for GRAD reversible) or use coupling 'momentum'."
+            )
+
+    def train(self, run, x, state, n, tol):
+        from .reversible import AdditiveCouplingCell, reversible_chain, reversible_momentum, running_stats_frozen
+
+        options = run.backward_options
+        if isinstance(run.cell, AdditiveCouplingCell) and options.coupling == "additive":
+            h = torch.cat(reversible_chain([run.cell] * n, x, *run.cell.split(state), exact=options.reversible_exact), 1)
+        else:
+            h, _ = reversible_momentum(run.cell, x, state, n, options.reversible_gamma, options.reversible_exact)
         h_in = h.detach().requires_grad_(run.penalty_active)
         with torch.set_grad_enabled(run.penalty_active), running_stats_frozen(run.cell):
             f_out = run.step(x, h_in, n + 1, n + 1, record=False)

@@ -21,7 +21,7 @@ SOLVERS = ("fixed", "iterate", "anderson", "heavyball")
 EXTRAPOLATING_SOLVERS = ("anderson", "heavyball")  # their iterates are not the model's recurrence
 BACKWARD_SOLVERS = ("neumann", "anderson")
 PENALTIES = ("none", "lcp", "jacobian")
-COUPLINGS = ("momentum",)
+COUPLINGS = ("momentum", "additive")
 
 Naming = Callable[[Any], str]
 
@@ -126,6 +126,7 @@ class BackwardOptions(_Validated):
     phantom_tau: float = _opt(0.5, "phantom_tau", "PHANTOM_TAU", "phantom: damping tau of h <- tau F + (1-tau) h")
     coupling: str = _opt("momentum", "coupling", "COUPLING", "reversible: how a step is made invertible")
     reversible_gamma: float = _opt(0.9, "reversible_gamma", "REVERSIBLE_GAMMA", "reversible momentum coupling gamma")
+    reversible_exact: bool = _opt(False, "reversible_exact", "REVERSIBLE_EXACT", "reversible: fixed-point, bit-exact inverse")
 
     CHECKS = {
         "solver": _choice(*BACKWARD_SOLVERS),
@@ -139,6 +140,7 @@ class BackwardOptions(_Validated):
         "phantom_tau": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
         "coupling": _choice(*COUPLINGS),
         "reversible_gamma": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+        "reversible_exact": ((lambda v: isinstance(v, bool)), "True or False"),
     }
 
 
