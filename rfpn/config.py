@@ -101,6 +101,19 @@ def add_rfpn_mask_head_config(cfg: CN) -> None:
     _C.TIMECOURSE = False  # RecurrentMaskHead at test time: add per-step mask logits as pred_mask_step_logits
 
 
+def add_revnet_config(cfg: CN) -> None:
+    """``MODEL.REVNET``: the RevNet backbone (``MODEL.BACKBONE.NAME: build_revnet_fpn_backbone``)."""
+    cfg.MODEL.REVNET = CN()
+    _C = cfg.MODEL.REVNET
+    _C.STEM_OUT_CHANNELS = 64  # Detectron2's BasicStem (7x7/2 conv + max pool); even, the first unit halves it
+    _C.OUT_CHANNELS = [64, 128, 256, 512]  # output width of res2..res5 (even; bottleneck: multiples of 8)
+    _C.UNITS = [2, 2, 2, 2]  # coupled units per stage: a transition unit (stored) then UNITS - 1 reversible ones
+    _C.BLOCK = "basic"  # f and g: "basic" (norm-ReLU-3x3 conv) or "bottleneck" (1x1-3x3-1x1 at a quarter width)
+    _C.NORM = "GN"  # Detectron2 norm name ("BN", "SyncBN", "GN", "" ...); recomputation never updates BN statistics twice
+    _C.REVERSIBLE = True  # False: the same network with ordinary autograd (stores every activation)
+    _C.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+
 def add_training_safety_config(cfg: CN) -> None:
     """Keys of rfpn's trainer (``ResilientTrainer``) for divergence handling and mixed precision."""
     # with SOLVER.AMP.ENABLED: "" (bf16 on the CPU, fp16 with a gradient scaler on CUDA), "bf16" or "fp16";
@@ -129,6 +142,7 @@ def add_rfpn_config(cfg: CN) -> None:
     add_rfpn_mask_head_config(cfg)
     add_pathfinder_config(cfg)
     add_diagnostics_config(cfg)
+    add_revnet_config(cfg)
 
 
 def _require_choice(name: str, value, allowed) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Parameter counts of Panoptic FPN and R-FPN (R-50, R-101) and of their mask heads.
+"""Parameter counts of Panoptic FPN and R-FPN (R-50, R-101, RevNet-104) and of their backbones and mask heads.
 
 Builds each model from rfpn's packaged configs on the CPU, without loading weights, and
 prints a table (optionally JSON). The paper reports that R-FPN-R50 has 783,552 fewer
@@ -36,6 +36,15 @@ MODELS = [
     ),
     ("Panoptic FPN R-101", "COCO-PanopticSegmentation/panoptic_fpn_R_101_3x.yaml", None, []),
     ("R-FPN R-101 (C-RBP-20)", "COCO-PanopticSegmentation/panoptic_rfpn_R_101_crbp20_3x.yaml", "Panoptic FPN R-101", []),
+    ("Panoptic FPN RevNet-104", "COCO-PanopticSegmentation/panoptic_fpn_RevNet_104_3x.yaml", None, []),
+    (
+        "R-FPN RevNet-104 (C-RBP-20)",
+        "COCO-PanopticSegmentation/panoptic_rfpn_RevNet_104_crbp20_3x.yaml",
+        "Panoptic FPN RevNet-104",
+        [],
+    ),
+    ("Panoptic FPN R-18 (synthetic)", "Synthetic-Panoptic/panoptic_fpn_R_18.yaml", None, []),
+    ("Panoptic FPN RevNet-18 (synthetic)", "Synthetic-Panoptic/panoptic_fpn_RevNet_18.yaml", None, []),
 ]
 
 
@@ -65,6 +74,7 @@ def count_all(models: list = MODELS) -> list[dict]:
                 "config": config,
                 "overrides": overrides,
                 "total": total,
+                "backbone": sum(p.numel() for p in model.backbone.bottom_up.parameters()),
                 "trainable": count(model),
                 "mask_head": sum(p.numel() for p in mask_head.parameters()),
                 "mask_head_type": type(mask_head).__name__,
@@ -76,11 +86,13 @@ def count_all(models: list = MODELS) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"| {'model':34s} | {'parameters':>12s} | {'mask head':>10s} | {'fewer than FPN':>14s} |"
+    header = (f"| {'model':34s} | {'parameters':>12s} | {'backbone':>12s} | {'mask head':>10s} | "
+              f"{'fewer than FPN':>14s} |")
     lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for r in rows:
         fewer = f"{r['fewer_than_ffwd']:,}" if r["fewer_than_ffwd"] is not None else "-"
-        lines.append(f"| {r['model']:34s} | {r['total']:>12,} | {r['mask_head']:>10,} | {fewer:>14s} |")
+        lines.append(f"| {r['model']:34s} | {r['total']:>12,} | {r['backbone']:>12,} | {r['mask_head']:>10,} | "
+                     f"{fewer:>14s} |")
     return "\n".join(lines)
 
 

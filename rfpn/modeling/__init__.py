@@ -2,5 +2,14 @@
 from .pathfinder_segmentor import FeedForwardCore, PathfinderSegmentor
 from .recurrent_core import build_recurrent_dynamics
 from .recurrent_mask_head import RecurrentMaskHead
+from .revnet import RevNet, build_revnet_backbone, build_revnet_fpn_backbone
 
-__all__ = ["FeedForwardCore", "PathfinderSegmentor", "RecurrentMaskHead", "build_recurrent_dynamics"]
+__all__ = [
+    "FeedForwardCore",
+    "PathfinderSegmentor",
+    "RecurrentMaskHead",
+    "RevNet",
+    "build_recurrent_dynamics",
+    "build_revnet_backbone",
+    "build_revnet_fpn_backbone",
+]

@@ -44,8 +44,10 @@ __all__ = [
     "Coupling",
     "FRACTION_BITS",
     "MomentumCoupling",
+    "Recomputed",
     "ReversibleChain",
     "reconstruction_error",
+    "recomputed",
     "reversible_chain",
     "reversible_momentum",
     "running_stats_frozen",
@@ -266,6 +268,41 @@ def reversible_chain(blocks: Sequence[Coupling], x: torch.Tensor | None, a0: tor
     """Run ``blocks`` in order from ``(a0, b0)`` through :class:`ReversibleChain`."""
     params = list(dict.fromkeys(p for block in dict.fromkeys(blocks) for p in block.parameters() if p.requires_grad))
     return ReversibleChain.apply(blocks, exact, x, a0, b0, *params)
+
+
+class Recomputed(torch.autograd.Function):
+    """``module(x)`` run without a graph; backward re-runs it from the saved ``x`` (a checkpoint).
+
+    For the parts of a reversible network that cannot be inverted (a RevNet's stem and
+    down-sampling units): only their input is kept. Unlike ``torch.utils.checkpoint``, the
+    re-run leaves batch-norm running statistics as the forward left them. ``module`` must be
+    deterministic (no dropout).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, module: nn.Module, x: torch.Tensor, *params: torch.Tensor):
+        with torch.no_grad():
+            out = module(x)
+        ctx.module, ctx.params, ctx.single = module, params, isinstance(out, torch.Tensor)
+        ctx.save_for_backward(x)
+        return out if ctx.single else tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad(), running_stats_frozen(ctx.module):
+            x_leaf = x.detach().requires_grad_(x.requires_grad)
+            out = ctx.module(x_leaf)
+            outs = (out,) if ctx.single else tuple(out)
+            inputs = ([x_leaf] if x.requires_grad else []) + list(ctx.params)
+            found = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+        grad_x = found[0] if x.requires_grad else None
+        return (None, grad_x, *found[1 if x.requires_grad else 0 :])
+
+
+def recomputed(module: nn.Module, x: torch.Tensor) -> Any:
+    """``module(x)`` keeping only ``x`` for backward (see :class:`Recomputed`)."""
+    return Recomputed.apply(module, x, *[p for p in module.parameters() if p.requires_grad])
 
 
 def reversible_momentum(cell: nn.Module, x: torch.Tensor, h0: torch.Tensor, n: int, gamma: float,
