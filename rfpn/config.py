@@ -51,7 +51,7 @@ def add_recurrent_config(cfg: CN) -> None:
     # h' = h + v' (any cell); "additive": two half-width cells, a' = a + (F_a(x_1, b) - b), b' = b + (F_b(x_2, a') - a')
     # (CHANNELS must be even; preserves volume, so it does not contract)
     _C.COUPLING = "momentum"
-    _C.REVERSIBLE_GAMMA = 0.9  # GRAD reversible: gamma of the momentum coupling, in (0, 1]
+    _C.REVERSIBLE_GAMMA = 0.9  # GRAD reversible: gamma of the momentum coupling, in (0, 1)
     # GRAD reversible: keep the state in fixed point so the inverse is bit-exact (gamma rounded to k/256;
     # momentum keeps one byte per element per step)
     _C.REVERSIBLE_EXACT = False

@@ -70,7 +70,7 @@ def test_reversible_memory_does_not_grow_with_steps_and_the_lcp_variant_trains()
     lcp = RecurrentDynamics(HGRUCell(4, 3, norm="gn"), steps=5, grad="creversible", lcp_lambda=0.0).train()
     h, aux = lcp(x)
     (h.mean() + aux["penalty"]).backward()
-    assert aux["penalty"] > 0 and lcp.cell.w_exc.weight.grad is not None
+    assert aux["penalty"] > 0 and lcp.cell.cell.w_exc.weight.grad is not None
 
 
 def _half_cells(kind: str, channels: int = 4) -> AdditiveCouplingCell:
@@ -119,8 +119,8 @@ def test_exact_mode_gradient_matches_bptt_of_the_rounded_dynamics():
     weight = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     params = list(cell.parameters())
     exact = RecurrentDynamics(cell, steps=12, grad="reversible", reversible_gamma=0.7, reversible_exact=True)
-    rounded = MomentumCoupling(cell, 0.7, exact=True).gamma
-    assert rounded == 179 / 256
+    rounded = MomentumCoupling(cell, 0.7, exact=True).mu
+    assert rounded == 179 / 256 and exact.cell.mu == rounded, "inference iterates the rounded dynamics too"
     grads_exact = _grads(exact, x, weight, params)
     bptt = _grads(RecurrentDynamics(StateMomentumCell(cell, rounded, 1 - rounded), steps=12, grad="bptt"), x, weight,
                   params)
@@ -152,7 +152,7 @@ def test_the_additive_coupling_needs_its_half_cells():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"REVERSIBLE_GAMMA": 0.0}, r"MODEL.RECURRENT.REVERSIBLE_GAMMA=0.0 is not valid; allowed values: a number in \(0, 1\]"),
+        ({"REVERSIBLE_GAMMA": 0.0}, r"MODEL.RECURRENT.REVERSIBLE_GAMMA=0.0 is not valid; allowed values: a number in \(0, 1\)"),
         ({"REVERSIBLE_GAMMA": 1.5}, r"MODEL.RECURRENT.REVERSIBLE_GAMMA=1.5 is not valid"),
         ({"COUPLING": "sum"}, "MODEL.RECURRENT.COUPLING='sum' is not valid; allowed values: momentum, additive"),
         ({"COUPLING": "additive", "CHANNELS": 3}, r"MODEL.RECURRENT.CHANNELS=3 is not valid; allowed values: an even"),
@@ -224,3 +224,15 @@ def test_recomputation_does_not_update_running_statistics_twice():
         assert torch.allclose(r, q, rtol=1e-8, atol=1e-11)
     assert int(a.norm.num_batches_tracked) == int(b.norm.num_batches_tracked) == 6
     assert torch.allclose(a.norm.running_mean, b.norm.running_mean) and torch.allclose(a.norm.running_var, b.norm.running_var)
+
+
+def test_inference_iterates_the_coupled_dynamics_that_training_inverted():
+    torch.manual_seed(0)
+    cell = tiny_hgru("gn", scale=0.5)
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    reversible = RecurrentDynamics(cell, steps=7, grad="reversible", reversible_gamma=GAMMA)
+    coupled = RecurrentDynamics(StateMomentumCell(cell, GAMMA, 1 - GAMMA), steps=7, grad="bptt")
+    trained, _ = reversible.train()(x)
+    evaluated, _ = reversible.eval()(x)
+    assert torch.allclose(trained, evaluated, rtol=0, atol=1e-12)
+    assert torch.allclose(evaluated, coupled.eval()(x)[0], rtol=0, atol=1e-12)

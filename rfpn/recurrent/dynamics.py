@@ -217,8 +217,7 @@ class RecurrentDynamics(nn.Module):
                 )
             groups[group] = dataclasses.replace(groups[group]) if groups[group] else GROUPS[group](**values)
         method, kind = validate_settings(grad, steps, groups["forward"], groups["backward"], groups["penalty"])
-        method.check_cell(cell, groups["backward"], keyword_names)
-        self.cell = cell
+        self.cell = method.prepare_cell(cell, groups["backward"], keyword_names)
         self.steps = steps
         self.grad = grad
         self.method = method()

@@ -96,8 +96,9 @@ class GradientMethod:
         raise NotImplementedError
 
     @classmethod
-    def check_cell(cls, cell: torch.nn.Module, backward: BackwardOptions, naming: Naming) -> None:
-        """Raise ``ValueError`` when ``cell`` cannot run with this method and ``backward``'s options."""
+    def prepare_cell(cls, cell: torch.nn.Module, backward: BackwardOptions, naming: Naming) -> torch.nn.Module:
+        """The cell the dynamics iterate, in training and inference alike (``ValueError`` if ``cell`` cannot run)."""
+        return cell
 
 
 _REGISTRY: dict[str, type[GradientMethod]] = {}
@@ -240,36 +241,49 @@ class PhantomGradient(GradientMethod):
 class Reversible(GradientMethod):
     """``reversible``: the exact gradient of ``n`` coupled steps, memory flat in ``n``.
 
-    ``coupling="momentum"`` couples any cell (its state gains a velocity that starts at 0);
-    ``"additive"`` needs an :class:`~rfpn.recurrent.reversible.AdditiveCouplingCell`, whose
-    halves it inverts. The penalty (and the residual statistics) are taken at the reached
-    state: one more cell evaluation ``F(x, h_n)``, with the graph only when a penalty needs it.
+    ``coupling="momentum"`` wraps the cell in a :class:`~rfpn.recurrent.momentum.StateMomentumCell`
+    with ``mu = gamma``, ``s = 1 - gamma`` (unless it is one already), so inference iterates the
+    same coupled dynamics that training inverts; ``"additive"`` needs an
+    :class:`~rfpn.recurrent.reversible.AdditiveCouplingCell`.
     """
 
     name = "reversible"
     fixed_steps = True
 
     @classmethod
-    def check_cell(cls, cell, backward, naming):
-        from .reversible import AdditiveCouplingCell
+    def prepare_cell(cls, cell, backward, naming):
+        from .momentum import StateMomentumCell
+        from .reversible import AdditiveCouplingCell, exact_gamma
 
-        if backward.coupling == "additive" and not isinstance(cell, AdditiveCouplingCell):
-            raise ValueError(
-                f"{backward.field_name('coupling', naming)}='additive' inverts a cell made of two half-width cells; "
-                f"got a {type(cell).__name__}. Build the cell as AdditiveCouplingCell(make_half_cell, channels) "
-                "(the config does this for GRAD reversible) or use coupling 'momentum'."
-            )
+        if backward.coupling == "additive":
+            if not isinstance(cell, AdditiveCouplingCell):
+                raise ValueError(
+                    f"{backward.field_name('coupling', naming)}='additive' inverts a cell made of two half-width "
+                    f"cells; got a {type(cell).__name__}. Build the cell as AdditiveCouplingCell(make_half_cell, "
+                    "channels) (the config does this for GRAD reversible) or use coupling 'momentum'."
+                )
+            return cell
+        if isinstance(cell, StateMomentumCell) and cell.mu > 0:
+            return cell
+        gamma = exact_gamma(backward.reversible_gamma) if backward.reversible_exact else backward.reversible_gamma
+        return StateMomentumCell(cell, gamma, 1.0 - gamma)
 
     def train(self, run, x, state, n, tol):
-        from .reversible import AdditiveCouplingCell, reversible_chain, reversible_momentum, running_stats_frozen
+        from .reversible import reversible_chain, reversible_momentum, running_stats_frozen
 
-        options = run.backward_options
-        if isinstance(run.cell, AdditiveCouplingCell) and options.coupling == "additive":
-            h = torch.cat(reversible_chain([run.cell] * n, x, *run.cell.split(state), exact=options.reversible_exact), 1)
+        cell, exact = run.cell, run.backward_options.reversible_exact
+        if run.backward_options.coupling == "additive":
+            end = reversible_chain([cell] * n, x, *cell.split(state), exact=exact)
+            inner = cell
         else:
-            h, _ = reversible_momentum(run.cell, x, state, n, options.reversible_gamma, options.reversible_exact)
-        h_in = h.detach().requires_grad_(run.penalty_active)
-        with torch.set_grad_enabled(run.penalty_active), running_stats_frozen(run.cell):
-            f_out = run.step(x, h_in, n + 1, n + 1, record=False)
-        run.record(h)
-        return RecordedStep(h_in, f_out, h, SolveInfo(n, "fixed", None))
+            h0, v0 = cell.split(state)
+            end = reversible_momentum(cell.cell, x, h0, n, cell.mu, cell.s, v0=v0, exact=exact)
+            inner = cell.cell
+        output = torch.cat(end, 1)
+        # The penalty and the residual statistics: one more evaluation of the cell at the reached state (the
+        # momentum coupling's inner cell, whose contraction the LCP is about), with a graph only for a penalty.
+        h_in = (output if inner is cell else end[0]).detach().requires_grad_(run.penalty_active)
+        with torch.set_grad_enabled(run.penalty_active), running_stats_frozen(cell):
+            f_out = inner(x, h_in).to(h_in.dtype)
+        run.record(output)
+        return RecordedStep(h_in, f_out, output, SolveInfo(n, "fixed", None))

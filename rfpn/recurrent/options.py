@@ -139,7 +139,7 @@ class BackwardOptions(_Validated):
         "phantom_steps": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
         "phantom_tau": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
         "coupling": _choice(*COUPLINGS),
-        "reversible_gamma": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+        "reversible_gamma": ((lambda v: _is_number(v) and 0 < v < 1), "a number in (0, 1)"),
         "reversible_exact": ((lambda v: isinstance(v, bool)), "True or False"),
     }
 

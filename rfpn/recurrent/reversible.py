@@ -42,6 +42,7 @@ __all__ = [
     "AdditiveCoupling",
     "AdditiveCouplingCell",
     "Coupling",
+    "exact_gamma",
     "FRACTION_BITS",
     "MomentumCoupling",
     "Recomputed",
@@ -72,6 +73,11 @@ def running_stats_frozen(module: nn.Module) -> Iterator[None]:
             for m, buffers in zip(norms, saved):
                 for k, b in buffers.items():
                     getattr(m, k).copy_(b)
+
+
+def exact_gamma(gamma: float) -> float:
+    """``gamma`` rounded to the nearest multiple of 1/256 (at least 1/256), as exact mode runs it."""
+    return max(1, round(gamma * GAMMA_DENOMINATOR)) / GAMMA_DENOMINATOR
 
 
 def _to_fixed(t: torch.Tensor) -> torch.Tensor:
@@ -141,37 +147,35 @@ class AdditiveCoupling(Coupling):
 
 
 class MomentumCoupling(Coupling):
-    """``v' = gamma v + (1 - gamma) (F(x, h) - h)``, ``h' = h + v'`` for any rfpn cell ``F``; state ``(h, v)``.
+    """``v' = mu v + s (F(x, h) - h)``, ``h' = h + v'`` for any rfpn cell ``F``; state ``(h, v)``.
 
-    In exact mode ``gamma`` is rounded to a multiple of 1/256 (:attr:`exact_gamma`) in the step
-    and in the recomputation, so the gradient is that of the dynamics that ran.
+    ``s`` defaults to ``1 - mu`` (Momentum ResNets' ``gamma = mu``). In exact mode ``mu`` is
+    rounded to a multiple of 1/256 (:func:`exact_gamma`) in the step and in the recomputation,
+    so the gradient is that of the dynamics that ran.
     """
 
-    def __init__(self, cell: nn.Module, gamma: float, exact: bool = False):
+    def __init__(self, cell: nn.Module, mu: float, s: float | None = None, exact: bool = False):
         super().__init__()
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma={gamma!r} is not valid; allowed values: a number in (0, 1].")
+        if not 0.0 < mu < 1.0:
+            raise ValueError(f"gamma={mu!r} is not valid; allowed values: a number in (0, 1).")
         self.cell = cell
-        self.numerator = max(1, round(gamma * GAMMA_DENOMINATOR))
-        self.gamma = self.numerator / GAMMA_DENOMINATOR if exact else float(gamma)
-
-    @property
-    def exact_gamma(self) -> float:
-        return self.numerator / GAMMA_DENOMINATOR
+        self.numerator = max(1, round(mu * GAMMA_DENOMINATOR))
+        self.mu = exact_gamma(mu) if exact else float(mu)
+        self.s = 1.0 - self.mu if s is None else float(s)
 
     def _evaluate(self, x, h):
         return self.cell(x, h).to(h.dtype)
 
     def step(self, x, h, v):
-        return momentum_step(h, v, self._evaluate(x, h), self.gamma, 1.0 - self.gamma)
+        return momentum_step(h, v, self._evaluate(x, h), self.mu, self.s)
 
     def inverse(self, x, h, v):
-        return momentum_inverse(h, v, lambda s: self._evaluate(x, s), self.gamma, 1.0 - self.gamma)
+        return momentum_inverse(h, v, lambda state: self._evaluate(x, state), self.mu, self.s)
 
     def _push(self, x, h, dtype):
-        """``(1 - gamma) (F(x, h) - h)`` on the fixed-point grid."""
+        """``s (F(x, h) - h)`` on the fixed-point grid."""
         hf = _from_fixed(h, dtype)
-        return _to_fixed((1.0 - self.exact_gamma) * (self._evaluate(x, hf) - hf))
+        return _to_fixed(self.s * (self._evaluate(x, hf) - hf))
 
     def step_exact(self, x, h, v, dtype, tape):
         scaled = v * self.numerator
@@ -305,11 +309,11 @@ def recomputed(module: nn.Module, x: torch.Tensor) -> Any:
     return Recomputed.apply(module, x, *[p for p in module.parameters() if p.requires_grad])
 
 
-def reversible_momentum(cell: nn.Module, x: torch.Tensor, h0: torch.Tensor, n: int, gamma: float,
-                        exact: bool = False) -> Pair:
-    """Run ``n`` momentum-coupled steps of ``cell`` from ``h0`` (``v0 = 0``)."""
-    coupling = MomentumCoupling(cell, gamma, exact)
-    return reversible_chain([coupling] * n, x, h0, torch.zeros_like(h0), exact)
+def reversible_momentum(cell: nn.Module, x: torch.Tensor, h0: torch.Tensor, n: int, mu: float,
+                        s: float | None = None, v0: torch.Tensor | None = None, exact: bool = False) -> Pair:
+    """Run ``n`` momentum-coupled steps of ``cell`` from ``(h0, v0)`` (``v0 = 0`` by default)."""
+    coupling = MomentumCoupling(cell, mu, s, exact)
+    return reversible_chain([coupling] * n, x, h0, torch.zeros_like(h0) if v0 is None else v0, exact)
 
 
 class AdditiveCouplingCell(AdditiveCoupling):
