@@ -57,10 +57,11 @@ MODELS = {
     "crbp10": ("R-FPN C-RBP-10", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp10.yaml"),
     "crbp20": ("R-FPN C-RBP-20", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20.yaml"),
     "crbp20auto": ("R-FPN C-RBP-20, automatic LCP weight", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20_auto.yaml"),
+    "revnet18": ("Panoptic FPN RevNet-18", "Synthetic-Panoptic/panoptic_fpn_RevNet_18.yaml"),
 }
 DATASET_NAME = "synthetic_panoptic_bench"
 # (model, baseline) pairs whose PQ difference is reported, paired by seed, when both ran
-COMPARISONS = (("crbp20", "fpn"), ("crbp20auto", "crbp20"))
+COMPARISONS = (("crbp20", "fpn"), ("crbp20auto", "crbp20"), ("revnet18", "fpn"))
 
 
 class IterationClock(HookBase):
@@ -77,19 +78,19 @@ class IterationClock(HookBase):
         self.times.append(time.perf_counter() - self._start)
 
 
-def record_mask_head_memory(head: torch.nn.Module, records: list[tuple[int, int]]) -> None:
-    """Count the bytes saved for backward by the mask head's forward + loss in every training step."""
-    original = head.forward
+def record_saved_bytes(module: torch.nn.Module, records: list[tuple[int, int]]) -> None:
+    """Count the bytes ``module``'s forward saves for backward in every training step, with its batch size."""
+    original = module.forward
 
-    def forward(x, instances):
-        if not head.training:
-            return original(x, instances)
+    def forward(x, *rest):
+        if not module.training:
+            return original(x, *rest)
         with saved_tensor_bytes() as counter:
-            out = original(x, instances)
+            out = original(x, *rest)
         records.append((counter.forward_bytes, int(x.shape[0])))
         return out
 
-    head.forward = forward
+    module.forward = forward
 
 
 def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -113,8 +114,10 @@ def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[st
     trainer = Trainer(cfg)
     clock = IterationClock()
     memory: list[tuple[int, int]] = []
+    backbone_memory: list[tuple[int, int]] = []
     trainer.register_hooks([clock])
-    record_mask_head_memory(trainer.model.roi_heads.mask_head, memory)
+    record_saved_bytes(trainer.model.roi_heads.mask_head, memory)
+    record_saved_bytes(trainer.model.backbone.bottom_up, backbone_memory)
     logger.info("Training %s (%s) for %d iterations, seed %d", label, config, args.iters, seed)
     start = time.perf_counter()
     results = trainer.train()  # evaluated after the last iteration
@@ -141,6 +144,8 @@ def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[st
         "mask_head_bytes_per_roi": statistics.median(per_roi) if per_roi else None,
         "mask_head_bytes_median": statistics.median(b for b, _ in memory) if memory else None,
         "rois_per_iter_median": statistics.median(n for _, n in memory) if memory else None,
+        # activations the bottom-up network (ResNet / RevNet) keeps for backward, per training iteration
+        "backbone_bytes_median": statistics.median(b for b, _ in backbone_memory) if backbone_memory else None,
         **penalty_weight_history(trainer.storage, "mask_head", args.iters),
     }
     logger.info("%s: %s", label, json.dumps(row))
@@ -325,11 +330,13 @@ def payload(args: argparse.Namespace, rows: list[dict], sweep: list[dict]) -> di
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean of every metric over the seeds of each model, in benchmark order."""
     keys = [k for k in MODELS if any(r["key"] == k for r in rows)]
-    metrics = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mask_AP", "mIoU", "sec_per_iter", "mask_head_bytes_per_roi")
+    metrics = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mask_AP", "mIoU", "sec_per_iter", "mask_head_bytes_per_roi",
+               "backbone_bytes_median")
     out = []
     for key in keys:
         runs = [r for r in rows if r["key"] == key]
-        mean = {m: statistics.mean(r[m] for r in runs) if all(r[m] is not None for r in runs) else None for m in metrics}
+        mean = {m: statistics.mean(r[m] for r in runs) if all(r.get(m) is not None for r in runs) else None
+                for m in metrics}
         out.append({"key": key, "model": runs[0]["model"], "seeds": len(runs), "PQ_runs": [r["PQ"] for r in runs], **mean})
     return out
 
@@ -357,8 +364,9 @@ def format_table(rows: list[dict], sweep: list[dict]) -> str:
     lines = []
     if rows:
         lines += [
-            "| model | PQ (mean) | PQ per seed | SQ | RQ | PQ things | PQ stuff | mask AP | mIoU | s/iter | mask-head KB/RoI |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | PQ (mean) | PQ per seed | SQ | RQ | PQ things | PQ stuff | mask AP | mIoU | s/iter | mask-head KB/RoI "
+            "| backbone MB saved |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in summarise(rows):
             fmt = lambda v, scale=1.0: f"{v / scale:.1f}" if v is not None else "-"  # noqa: E731
@@ -366,7 +374,7 @@ def format_table(rows: list[dict], sweep: list[dict]) -> str:
             lines.append(
                 f"| {r['model']} | {r['PQ']:.1f} | {per_seed} | {r['SQ']:.1f} | {r['RQ']:.1f} | {r['PQ_th']:.1f} "
                 f"| {r['PQ_st']:.1f} | {fmt(r['mask_AP'])} | {fmt(r['mIoU'])} | {r['sec_per_iter']:.2f} "
-                f"| {r['mask_head_bytes_per_roi'] / 1024:.0f} |"
+                f"| {r['mask_head_bytes_per_roi'] / 1024:.0f} | {fmt(r['backbone_bytes_median'], 2**20)} |"
             )
         for model, baseline in COMPARISONS:
             diff = paired_pq_difference(rows, model, baseline)
