@@ -34,7 +34,7 @@ benchmark-pathfinder: $(STAMP)
 # About an hour on 2 cores: Panoptic FPN vs R-FPN C-RBP-20, 8 seeds x 300 iterations, two runs at a
 # time (README, "R-FPN"). Reuses finished runs (<output-dir>/<model>_seed<seed>/row.json).
 benchmark-rfpn: $(STAMP)
-	$(BIN)/python tools/benchmark_rfpn.py --models fpn crbp20 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
+	$(BIN)/python tools/benchmark_rfpn.py --models fpn crbp20 revnet18 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
 		--output-dir output/benchmark_rfpn_300
 
 clean-venv:

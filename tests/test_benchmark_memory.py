@@ -1,23 +1,15 @@
-"""Smoke test of tools/benchmark_memory.py on tiny shapes: what it measures and what it writes."""
-import importlib.util
+"""Smoke test of the recurrent memory benchmark (tools/benchmark_memory.py) on tiny shapes."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "benchmark_memory.py"
+from rfpn.benchmarks import recurrent_memory
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_memory", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    return recurrent_memory
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +35,16 @@ def test_saved_bytes_flat_for_rbp_and_growing_for_bptt(bench):
     per_two_steps = saved[("bptt", 4)] - saved[("bptt", 2)]
     assert per_two_steps > 0
     assert saved[("bptt", 6)] - saved[("bptt", 4)] == per_two_steps
+
+
+def test_reversible_variants_hold_flat_memory_and_compare_with_bptt_through_the_same_coupling(bench):
+    settings = _tiny(bench)
+    points = [bench.measure_point(settings, m, n) for m in ("reversible-additive", "bptt-additive") for n in (2, 6)]
+    rev2, rev6, bptt2, bptt6 = points
+    assert rev2["peak_saved_bytes"] == rev6["peak_saved_bytes"] > 0
+    assert bptt6["saved_bytes"] > bptt2["saved_bytes"] > rev2["peak_saved_bytes"]
+    bench.add_time_ratios(points)
+    assert rev6["time_vs_coupled_bptt"] == pytest.approx(rev6["time_ms"] / bptt6["time_ms"])
 
 
 def test_run_benchmark_writes_json_table_and_plot(bench, tmp_path):
