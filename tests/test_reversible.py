@@ -236,3 +236,15 @@ def test_inference_iterates_the_coupled_dynamics_that_training_inverted():
     evaluated, _ = reversible.eval()(x)
     assert torch.allclose(trained, evaluated, rtol=0, atol=1e-12)
     assert torch.allclose(evaluated, coupled.eval()(x)[0], rtol=0, atol=1e-12)
+
+
+def test_drift_report_measures_float_drift_and_gradient_agreement():
+    from rfpn.analysis.reversible_drift import DriftSettings, drift_report
+
+    report = drift_report(DriftSettings(channels=4, kernel=3, size=6), steps=12, cosine_steps=(12,), gammas=(0.9, 0.2))
+    curves = report["reconstruction_error"]
+    assert set(curves) == {"momentum gamma=0.9", "momentum gamma=0.2", "additive"}
+    assert curves["momentum gamma=0.2"][-1] > 100 * curves["momentum gamma=0.9"][-1], "dividing by 0.2 drifts faster"
+    cos = {(c["coupling"], c["gamma"], c["exact"]): c["cosine"] for c in report["gradient_cosine"]}
+    assert cos[("momentum", 0.9, False)] > 0.9999 and cos[("additive", None, False)] > 0.9999
+    assert cos[("momentum", 0.2, True)] > 0.9999, "exact mode keeps the gradient where float mode drifts"

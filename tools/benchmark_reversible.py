@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Float32 drift of reversible recurrences: rebuilt-state error vs inversions, gradient cosine with BPTT.
+
+Writes ``reversible_drift.json`` and ``reversible_drift.png`` to ``--output-dir`` (see
+:mod:`rfpn.analysis.reversible_drift`)::
+
+    python tools/benchmark_reversible.py --output-dir output/benchmark_reversible --copy-to-docs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from rfpn.analysis.reversible_drift import DriftSettings, drift_report, plot_drift
+from rfpn.utils import run_cli
+from rfpn.utils.jobs import write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=80, help="steps of the reconstruction curves")
+    parser.add_argument("--cosine-steps", nargs="+", type=int, default=[20, 80])
+    parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.8, 0.5])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_reversible"))
+    parser.add_argument("--copy-to-docs", action="store_true", help="copy the JSON to benchmarks/results, the PNG to docs/figures")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(args.threads)
+    report = drift_report(DriftSettings(), args.steps, tuple(args.cosine_steps), tuple(args.gammas))
+    report["command"] = "python tools/benchmark_reversible.py " + " ".join(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.output_dir / "reversible_drift.json", args.output_dir / "reversible_drift.png"
+    write_json_atomic(str(json_path), report)
+    plot_drift(report, str(png_path))
+    for c in report["gradient_cosine"]:
+        print(f"{c['coupling']:9s} gamma={c['gamma']!s:4s} exact={c['exact']!s:5s} steps={c['steps']:3d} "
+              f"1 - cosine with BPTT: {c['one_minus_cosine']:.2e}")
+    for label, curve in report["reconstruction_error"].items():
+        print(f"{label:22s} error after {len(curve)} inversions: {curve[-1]:.3g}")
+    if args.copy_to_docs:
+        shutil.copyfile(json_path, REPO / "benchmarks" / "results" / json_path.name)
+        shutil.copyfile(png_path, REPO / "docs" / "figures" / png_path.name)
+    print(f"Wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
