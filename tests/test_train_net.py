@@ -167,3 +167,16 @@ def test_benchmark_pathfinder_trains_then_eval_only_rescores_with_new_test_setti
     assert summary["rows"] == [rescored]
     with pytest.raises(FileNotFoundError, match="BPTT has no finished run.*drop --eval-only"):
         bench.main(common[:-4] + ["--methods", "BPTT", "--output-dir", str(tmp_path), "--eval-only"] + opts)
+
+
+def test_benchmark_pathfinder_tests_reversible_rows_past_their_training_steps(tiny_pathfinder, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_pf", os.path.join(REPO, "tools", "benchmark_pathfinder.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
+            "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2",
+            "MODEL.RECURRENT.STEPS", "2"]
+    (row,) = bench.main(["--iters", "2", "--train-set", tiny_pathfinder, "--test-sets", tiny_pathfinder, "--threads",
+                         "1", "--methods", "Reversible additive", "--output-dir", str(tmp_path)] + opts)
+    assert row["grad"] == "reversible" and row["inference"] == "fixed, 2 steps"
+    assert row["iou_past_training_steps"]["steps"] == 6 and 0.0 <= row["iou_past_training_steps"]["iou"] <= 1.0

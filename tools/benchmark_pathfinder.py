@@ -59,8 +59,12 @@ METHODS = {
     "C-JFB": "pfcpu9_hgru_cjfb.yaml",
     "C-Phantom": "pfcpu9_hgru_cphantom.yaml",
     "C-RBP auto": "pfcpu9_hgru_crbp_auto.yaml",
+    "Reversible": "pfcpu9_hgru_reversible.yaml",
+    "Reversible additive": "pfcpu9_hgru_reversible_additive.yaml",
 }
 GENERALISATION_METHODS = ("BPTT", "C-RBP")
+# methods also tested with 3x their training steps: does the dynamics stay put past the steps it was trained for?
+PAST_STEPS_METHODS = ("BPTT", "C-RBP", "Reversible", "Reversible additive")
 logger = logging.getLogger("rfpn.benchmark_pathfinder")
 
 
@@ -194,7 +198,16 @@ def evaluation(name: str, args, cfg: CfgNode, model: torch.nn.Module, iou: float
     generalisation = {
         str(contour_length_of(t)): iou if t == args.train_set else test_iou(t) for t in lengths
     }
-    return {"iou": iou, "generalisation": generalisation, "inference": inference_description(cfg)}
+    result = {"iou": iou, "generalisation": generalisation, "inference": inference_description(cfg)}
+    if name in PAST_STEPS_METHODS and cfg.MODEL.RECURRENT.SOLVER == "fixed":
+        rc = cfg.MODEL.RECURRENT
+        past = 3 * rc.STEPS
+        past_cfg = cfg.clone()
+        past_cfg.defrost()
+        past_cfg.MODEL.RECURRENT.TEST_SOLVER, past_cfg.MODEL.RECURRENT.TEST_STEPS = "fixed", past
+        past_cfg.DATASETS.TEST = (f"{args.train_set}_test",)
+        result["iou_past_training_steps"] = {"steps": past, "iou": Trainer.test(past_cfg, model)["pathfinder"]["IoU"]}
+    return result
 
 
 def inference_description(cfg: CfgNode) -> str:
@@ -266,6 +279,11 @@ def plot(rows: list[dict], path: str, train_set: str) -> None:
     plt.close(fig)
 
 
+def _past_steps(row: dict) -> str:
+    past = row.get("iou_past_training_steps")
+    return f"{past['iou']:.3f} ({past['steps']} steps)" if past else "-"
+
+
 def _steps_used(row: dict) -> str:
     return "-" if row.get("mean_steps") is None else f"{row['mean_steps']:.1f}"
 
@@ -305,15 +323,16 @@ def main(argv=None) -> list[dict]:
     if args.copy_to_docs:
         os.makedirs(os.path.join(REPO, "docs", "figures"), exist_ok=True)
         shutil.copy(png_path, os.path.join(REPO, "docs", "figures", "benchmark_pathfinder.png"))
-    header = "| method | config | steps (max) | steps used | test pass | IoU | MiB saved for backward | s / iter | " + " | ".join(
+    header = "| method | config | steps (max) | steps used | test pass | IoU | IoU at 3x steps | MiB saved for backward | s / iter | " + " | ".join(
         f"IoU on {n}" for n in args.test_sets
     ) + " |"
     print(header)
-    print("|" + "---|" * (8 + len(args.test_sets)))
+    print("|" + "---|" * (9 + len(args.test_sets)))
     for r in rows:
         gen = " | ".join(f"{v:.3f}" for v in r["generalisation"].values()) if r["generalisation"] else " | ".join("-" * len(args.test_sets))
         print(
-            f"| {r['method']} | `{r['config']}` | {r['steps']} | {_steps_used(r)} | {r.get('inference', '-')} | {r['iou']:.3f} | {r['saved_bytes'] / 2**20:.1f} | "
+            f"| {r['method']} | `{r['config']}` | {r['steps']} | {_steps_used(r)} | {r.get('inference', '-')} | {r['iou']:.3f} | "
+            f"{_past_steps(r)} | {r['saved_bytes'] / 2**20:.1f} | "
             f"{r['sec_per_iter']:.2f} | {gen} |"
         )
     print(f"Wrote {json_path} and {png_path}")
