@@ -96,3 +96,16 @@ def test_bad_revnet_keys_name_the_key(overrides, message):
         overrides["OUT_CHANNELS"] = [8, 16, 20, 16]
     with pytest.raises(ValueError, match=message):
         build_revnet_backbone(_cfg(**overrides), ShapeSpec(channels=3))
+
+
+def test_backbone_benchmark_measures_what_the_revnet_keeps_for_backward():
+    from rfpn.benchmarks.backbone_memory import compare, format_table, measure
+
+    rows = [measure(name, batch=1, size=64, repeats=1) for name in ("RevNet-18", "ResNet-18")]
+    rev, res = rows
+    assert rev["parameters"] == 2_848_128 and res["parameters"] == 11_176_512
+    assert 0 < rev["saved_bytes"] < rev["peak_saved_bytes"], "backward's recomputation holds more than the forward kept"
+    assert res["saved_bytes"] == res["peak_saved_bytes"] > 10 * rev["saved_bytes"]
+    (ratio,) = compare(rows)
+    assert ratio["pair"] == "RevNet-18 / ResNet-18" and ratio["saved_bytes"] == rev["saved_bytes"] / res["saved_bytes"]
+    assert "| RevNet-18 | 2.8M |" in format_table(rows, [ratio])

@@ -9,7 +9,6 @@ Writes ``reversible_drift.json`` and ``reversible_drift.png`` to ``--output-dir`
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rfpn.analysis.reversible_drift import DriftSettings, drift_report, plot_drift
+from rfpn.analysis.figures import plot_reconstruction_drift
+from rfpn.analysis.reversible_drift import DriftSettings, drift_report
 from rfpn.utils import run_cli
 from rfpn.utils.jobs import write_json_atomic
 
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.output_dir / "reversible_drift.json", args.output_dir / "reversible_drift.png"
     write_json_atomic(str(json_path), report)
-    plot_drift(report, str(png_path))
+    plot_reconstruction_drift(str(png_path), report["reconstruction_error"])
     for c in report["gradient_cosine"]:
         print(f"{c['coupling']:9s} gamma={c['gamma']!s:4s} exact={c['exact']!s:5s} steps={c['steps']:3d} "
               f"1 - cosine with BPTT: {c['one_minus_cosine']:.2e}")

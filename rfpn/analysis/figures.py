@@ -292,3 +292,39 @@ def plot_learning_curves(
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_reconstruction_drift(path: str, curves: Mapping[str, Sequence[float]]) -> str:
+    """Float32 error of the states a reversible backward rebuilds vs inversions (log scale), one line per coupling."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), [max(e, 1e-12) for e in curve], label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("inversions from the last step")
+    ax.set_ylabel("max |rebuilt - forward| (float32)")
+    ax.set_title("reversible hGRU (float32): drift of the rebuilt states; exact mode rebuilds them bit for bit",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)
+
+
+def plot_backbone_memory(path: str, rows: Sequence[Mapping]) -> str:
+    """Bars of MiB saved for backward and ms per training step, one bar per bottom-up network."""
+    fig = Figure(figsize=(9, 3.4))
+    names = [r["backbone"] for r in rows]
+    for i, (key, scale, label) in enumerate((("saved_bytes", 2**20, "MiB saved for backward"),
+                                             ("peak_rss_delta_mib", 1, "peak RSS increase (MiB)"),
+                                             ("time_ms", 1, "ms / training step"))):
+        ax = fig.add_subplot(1, 3, i + 1)
+        values = [r[key] / scale for r in rows]
+        ax.bar(range(len(rows)), values, color="tab:purple" if i == 0 else "tab:gray")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"bottom-up network, batch {rows[0]['batch']} at {rows[0]['size']}x{rows[0]['size']}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)

@@ -90,24 +90,3 @@ def drift_report(settings: DriftSettings, steps: int = 80, cosine_steps: tuple[i
                                 "one_minus_cosine": 1.0 - cosine})
     return {"settings": asdict(settings), "steps": steps, "reconstruction_error": curves, "gradient_cosine": cosines}
 
-
-def plot_drift(report: dict[str, Any], path: str) -> None:
-    """Reconstruction error vs inversions (log scale), one line per coupling; cosines in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, curve in report["reconstruction_error"].items():
-        ax.plot(range(1, len(curve) + 1), [max(e, 1e-12) for e in curve], label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("inversions from the last step")
-    ax.set_ylabel("max |rebuilt - forward| (float32)")
-    ax.set_title("reversible hGRU (float32): drift of the rebuilt states; exact mode rebuilds them bit for bit",
-                 fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

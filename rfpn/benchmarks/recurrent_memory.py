@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rfpn.recurrent import GRADS
+from rfpn.utils.process_memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 # name -> (gradient method, coupled cell, extra RecurrentDynamics keywords)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -101,28 +101,6 @@ class BenchmarkSettings:
         for f in fields(self):
             args += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
         return args
-
-
-def _current_rss_bytes() -> int:
-    """Resident memory now (Linux ``/proc``; elsewhere the peak so far, the best available)."""
-    statm = Path("/proc/self/statm")
-    if statm.exists():
-        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return _peak_rss_bytes()
-
-
-def _peak_rss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False if unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def build_step_model(settings: BenchmarkSettings, method: str, steps: int):
@@ -204,13 +182,13 @@ def measure_point(settings: BenchmarkSettings, method: str, steps: int) -> dict[
     model = build_step_model(settings, method, steps)
     images, labels = _random_batch(settings)
 
-    baseline = _current_rss_bytes()
-    peak_reset = _reset_peak_rss()
+    baseline = current_rss_bytes()
+    peak_reset = reset_peak_rss()
     start = time.perf_counter()
     with saved_tensor_bytes() as counter:
         aux = _train_step(model, images, labels)
     first_step = time.perf_counter() - start
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     point: dict[str, Any] = {
         "method": method,
         "steps": steps,

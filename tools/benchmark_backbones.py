@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Activation memory and time of one training step of ResNet and RevNet bottom-up networks of equal depth.
+
+One fresh process per backbone (see :mod:`rfpn.benchmarks.backbone_memory`); writes
+``backbone_memory.json`` and ``backbone_memory.png`` to ``--output-dir``::
+
+    python tools/benchmark_backbones.py --copy-to-docs
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rfpn.analysis.figures import plot_backbone_memory
+from rfpn.benchmarks.backbone_memory import BACKBONES, compare, format_table, measure_in_subprocess
+from rfpn.utils import run_cli
+from rfpn.utils.jobs import write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per backbone (median reported)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_backbones"))
+    parser.add_argument("--copy-to-docs", action="store_true", help="copy the JSON to benchmarks/results, the PNG to docs/figures")
+    args = parser.parse_args(argv)
+    rows = [measure_in_subprocess(b, args.batch, args.size, args.repeats, args.threads)
+            for b in tqdm(args.backbones, desc="backbones", unit="backbone")]
+    ratios = compare(rows)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.output_dir / "backbone_memory.json", args.output_dir / "backbone_memory.png"
+    write_json_atomic(str(json_path), {"command": "python tools/benchmark_backbones.py " + " ".join(argv),
+                                       "backbones": rows, "ratios": ratios})
+    plot_backbone_memory(str(png_path), rows)
+    print(format_table(rows, ratios))
+    if args.copy_to_docs:
+        shutil.copyfile(json_path, REPO / "benchmarks" / "results" / json_path.name)
+        shutil.copyfile(png_path, REPO / "docs" / "figures" / png_path.name)
+    print(f"Wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
