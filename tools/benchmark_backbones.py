@@ -9,7 +9,6 @@ One fresh process per backbone (see :mod:`rfpn.benchmarks.backbone_memory`); wri
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from tqdm import tqdm
 from rfpn.analysis.figures import plot_backbone_memory
 from rfpn.benchmarks.backbone_memory import BACKBONES, compare, format_table, measure_in_subprocess
 from rfpn.utils import run_cli
-from rfpn.utils.jobs import write_json_atomic
+from rfpn.utils.files import copy_to_docs, write_json_atomic
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str]) -> None:
@@ -43,8 +41,8 @@ def main(argv: list[str]) -> None:
     plot_backbone_memory(str(png_path), rows)
     print(format_table(rows, ratios))
     if args.copy_to_docs:
-        shutil.copyfile(json_path, REPO / "benchmarks" / "results" / json_path.name)
-        shutil.copyfile(png_path, REPO / "docs" / "figures" / png_path.name)
+        copy_to_docs(json_path)
+        copy_to_docs(png_path)
     print(f"Wrote {json_path} and {png_path}")
 
 

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 import sys
 
@@ -24,9 +23,8 @@ import torch
 from rfpn.analysis.figures import plot_learning_curves
 from rfpn.sequences import TASKS, VARIANTS, make_task, train_run
 from rfpn.utils import run_cli
-from rfpn.utils.jobs import write_json_atomic
+from rfpn.utils.files import copy_to_docs, write_json_atomic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = {"digits": 1500, "permuted_digits": 1500, "adding": 2000}
 
 
@@ -95,8 +93,8 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['task']} | {r['variant']} | {r['seeds']} | {r['final_mean']:.3f} +- {r['final_std']:.3f} | "
               f"{r['reached']} | {its} |")
     if args.copy_to_docs:
-        shutil.copy(out, os.path.join(REPO, "benchmarks", "results", "momentum_sequences.json"))
-        shutil.copy(png, os.path.join(REPO, "docs", "figures", "momentum_sequences.png"))
+        copy_to_docs(out, "momentum_sequences.json")
+        copy_to_docs(png, "momentum_sequences.png")
     print(f"Wrote {out} and {png}")
     return rows
 

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 
@@ -44,7 +43,8 @@ from rfpn.analysis.figures import plot_penalty_weight_curves
 from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
-from rfpn.utils.jobs import ChildJob, run_child_jobs, write_json_atomic
+from rfpn.utils.files import copy_to_docs, write_json_atomic
+from rfpn.utils.jobs import ChildJob, run_child_jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "Pathfinder", "cpu")
@@ -321,8 +321,7 @@ def main(argv=None) -> list[dict]:
     if curves:
         plot_penalty_weight_curves(os.path.join(args.output_dir, "penalty_weight.png"), curves, lam=0.9)
     if args.copy_to_docs:
-        os.makedirs(os.path.join(REPO, "docs", "figures"), exist_ok=True)
-        shutil.copy(png_path, os.path.join(REPO, "docs", "figures", "benchmark_pathfinder.png"))
+        copy_to_docs(png_path, "benchmark_pathfinder.png")
     header = "| method | config | steps (max) | steps used | test pass | IoU | IoU at 3x steps | MiB saved for backward | s / iter | " + " | ".join(
         f"IoU on {n}" for n in args.test_sets
     ) + " |"

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,9 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCS_JSON = REPO_ROOT / "benchmarks" / "results" / "residual_stopping.json"
-DOCS_FIGURE = REPO_ROOT / "docs" / "figures" / "residual_stopping.png"
+from rfpn.utils.files import copy_to_docs
+
 
 logger = logging.getLogger("rfpn.benchmark_residual_stopping")
 
@@ -219,9 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(report, out / "residual_stopping.png")
     logger.info("wrote %s and %s", out / "residual_stopping.json", out / "residual_stopping.png")
     if args.copy_to_docs:
-        for src, dst in ((out / "residual_stopping.json", DOCS_JSON), (out / "residual_stopping.png", DOCS_FIGURE)):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+        copy_to_docs(out / "residual_stopping.json")
+        copy_to_docs(out / "residual_stopping.png")
     return report
 
 

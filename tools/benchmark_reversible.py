@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import torch
 from rfpn.analysis.figures import plot_reconstruction_drift
 from rfpn.analysis.reversible_drift import DriftSettings, drift_report
 from rfpn.utils import run_cli
-from rfpn.utils.jobs import write_json_atomic
+from rfpn.utils.files import copy_to_docs, write_json_atomic
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str]) -> None:
@@ -47,8 +45,8 @@ def main(argv: list[str]) -> None:
     for label, curve in report["reconstruction_error"].items():
         print(f"{label:22s} error after {len(curve)} inversions: {curve[-1]:.3g}")
     if args.copy_to_docs:
-        shutil.copyfile(json_path, REPO / "benchmarks" / "results" / json_path.name)
-        shutil.copyfile(png_path, REPO / "docs" / "figures" / png_path.name)
+        copy_to_docs(json_path)
+        copy_to_docs(png_path)
     print(f"Wrote {json_path} and {png_path}")
 
 

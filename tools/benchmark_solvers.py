@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -31,9 +30,8 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCS_JSON = REPO_ROOT / "benchmarks" / "results" / "solvers.json"
-DOCS_FIGURE = REPO_ROOT / "docs" / "figures" / "solver_residuals.png"
+from rfpn.utils.files import copy_to_docs
+
 SOLVERS = ("iterate", "anderson", "heavyball")
 CPU_SCALE = ["MODEL.RECURRENT.CHANNELS", "16", "MODEL.RECURRENT.KERNEL_SIZE", "7", "MODEL.RECURRENT.NORM", "gn"]
 
@@ -223,9 +221,8 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("tol %s: plain iteration / %s = %s evaluations, %s wall time", tol, solver,
                         ratio["evals_ratio"], ratio["wall_ratio"])
     if args.copy_to_docs:
-        for src, dst in ((out / "solvers.json", DOCS_JSON), (out / "residual_vs_evals.png", DOCS_FIGURE)):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+        copy_to_docs(out / "solvers.json")
+        copy_to_docs(out / "residual_vs_evals.png", "solver_residuals.png")
 
 
 if __name__ == "__main__":

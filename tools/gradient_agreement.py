@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -26,10 +25,9 @@ from rfpn.analysis.figures import plot_gradient_agreement
 from rfpn.data.pathfinder_generator import PRESETS, render_sample
 from rfpn.modeling.pathfinder_segmentor import pixel_loss
 from rfpn.utils import run_cli
-from rfpn.utils.jobs import write_json_atomic
+from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.models import load_eval_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,8 +80,8 @@ def main(argv=None) -> dict:
     png_path = plot_gradient_agreement(os.path.join(args.output_dir, "gradient_agreement.png"), rows)
     write_json_atomic(json_path, report)
     if args.copy_to_docs:
-        shutil.copy(json_path, os.path.join(REPO, "benchmarks", "results", "gradient_agreement.json"))
-        shutil.copy(png_path, os.path.join(REPO, "docs", "figures", "gradient_agreement.png"))
+        copy_to_docs(json_path)
+        copy_to_docs(png_path)
     print("| method | cosine to exact implicit gradient | relative error | cell evaluations |")
     print("|---|---:|---:|---:|")
     for row in rows:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rfpn.recurrent import GRADS
+from rfpn.utils.files import copy_to_docs
 from rfpn.utils.process_memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 # name -> (gradient method, coupled cell, extra RecurrentDynamics keywords)
@@ -52,9 +52,6 @@ COUPLED_BPTT = {"reversible": "bptt-momentum", "reversible-exact": "bptt-momentu
                 "reversible-additive": "bptt-additive", "reversible-additive-exact": "bptt-additive"}
 METHODS = tuple(GRADS) + tuple(VARIANTS)
 PRECISIONS = ("fp32", "bf16")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCS_JSON = REPO_ROOT / "benchmarks" / "results" / "memory.json"
-DOCS_FIGURE = REPO_ROOT / "docs" / "figures" / "memory_vs_steps.png"
 MIB = 1024.0 * 1024.0
 
 
@@ -436,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_memory"))
     parser.add_argument(
-        "--copy-to-docs", action="store_true", help=f"also copy the JSON and PNG to {DOCS_JSON.parent} and {DOCS_FIGURE.parent}"
+        "--copy-to-docs", action="store_true", help="also copy the JSON to benchmarks/results and the PNG to docs/figures"
     )
     parser.add_argument("--single", action="store_true", help="internal: measure one point, print its JSON")
     parser.add_argument("--method", choices=METHODS, help="with --single: the gradient method")
@@ -459,10 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(report["goals"], indent=1))
     print(f"Wrote {args.output_dir / 'memory.json'} and {args.output_dir / 'memory_vs_steps.png'}")
     if args.copy_to_docs:
-        for src, dst in ((args.output_dir / "memory.json", DOCS_JSON), (args.output_dir / "memory_vs_steps.png", DOCS_FIGURE)):
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-            print(f"Copied to {dst}")
+        for path in (args.output_dir / "memory.json", args.output_dir / "memory_vs_steps.png"):
+            print(f"Copied to {copy_to_docs(path)}")
 
 
 if __name__ == "__main__":  # the per-point subprocess (run_point_in_subprocess)

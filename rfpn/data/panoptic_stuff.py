@@ -13,12 +13,13 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from rfpn.utils.files import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ IGNORE_LABEL = 255
 __all__ = [
     "PanopticFormatError",
     "IGNORE_LABEL",
-    "atomic_write",
     "atomic_write_json",
     "save_png",
     "read_panoptic_png",
@@ -44,27 +44,9 @@ class PanopticFormatError(ValueError):
     """A panoptic annotation file that exists but does not follow the COCO panoptic format."""
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through a temporary file in the same folder, then rename it into place.
-
-    Readers (and interrupted runs) never see a half-written file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_write_json(path: str, obj: Any) -> None:
     """Dump ``obj`` as JSON to ``path`` atomically (keys sorted, so equal objects give equal bytes)."""
-    atomic_write(path, lambda f: json.dump(obj, f, sort_keys=True), mode="w")
+    write_json_atomic(path, obj, sort_keys=True)
 
 
 def save_png(path: str, array: np.ndarray) -> None:

@@ -29,7 +29,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .panoptic_stuff import atomic_write, atomic_write_json, convert_panoptic_to_stuff, id2rgb, save_png
+from rfpn.utils.files import atomic_write
+
+from .panoptic_stuff import atomic_write_json, convert_panoptic_to_stuff, id2rgb, save_png
 
 logger = logging.getLogger(__name__)
 

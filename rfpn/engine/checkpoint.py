@@ -10,13 +10,14 @@ backbone checkpoint is partial by nature. :class:`AtomicCheckpointer` adds atomi
 """
 from __future__ import annotations
 
-import glob
 import os
 import pickle
 from typing import Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from rfpn.utils.files import atomic_write
 
 __all__ = ["AtomicCheckpointer", "CheckedCheckpointer", "CheckpointError"]
 
@@ -114,28 +115,11 @@ class AtomicCheckpointer(CheckedCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        self._atomic_write(save_file, lambda f: torch.save(data, f), "wb")
+        atomic_write(save_file, lambda f: torch.save(data, f), "wb", durable=True)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not os.path.isdir(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
-        self._atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename), "w")
-
-    @staticmethod
-    def _atomic_write(path: str, write, mode: str) -> None:
-        for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # left by a writer that was killed
-            try:
-                os.remove(stale)
-            except OSError:
-                pass
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        last = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(last, lambda f: f.write(last_filename_basename), "w", durable=True)

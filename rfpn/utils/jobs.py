@@ -8,13 +8,14 @@ oversubscribed threads slow down several-fold). The benchmarks hand their runs t
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
+
+from .files import write_json_atomic
 
 __all__ = ["ChildJob", "run_child_jobs", "write_json_atomic"]
 logger = logging.getLogger(__name__)
@@ -53,11 +54,3 @@ def run_child_jobs(jobs: Sequence[ChildJob], parallel: int) -> None:
     errors = [str(f.exception()) for f in futures if f.exception() is not None]
     if errors:
         raise RuntimeError("; ".join(errors))
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file (write a temporary, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
