@@ -33,10 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
@@ -52,9 +50,10 @@ from rfpn.analysis import (
     state_distance,
 )
 from rfpn.analysis import figures
-from rfpn.config import add_rfpn_config
 from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
 from rfpn.recurrent.diagnostics import capture_last_step, jacobian_spectral_norm
+from rfpn.utils.cli import UsageError
+from rfpn.utils.models import load_eval_model
 
 logger = logging.getLogger("rfpn.analyze_dynamics")
 
@@ -77,28 +76,16 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(config: str, weights: str, opts: list[str]) -> tuple[CfgNode, torch.nn.Module]:
-    if not os.path.isfile(config):
-        raise FileNotFoundError(f"Config file {config!r} does not exist.")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"Weights {weights!r} do not exist; train the model first (tools/train_net.py --config-file {config})."
-        )
-    cfg = get_cfg()
-    add_rfpn_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
+def _pathfinder_only(cfg: CfgNode) -> None:
     if cfg.MODEL.META_ARCHITECTURE != "PathfinderSegmentor":
-        raise ValueError(
-            f"{config}: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}; this tool analyses Pathfinder "
-            "models (PathfinderSegmentor). For R-FPN use tools/demo.py and tools/analyze_flood_fill.py."
+        raise UsageError(
+            f"MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}; this tool analyses Pathfinder models "
+            "(PathfinderSegmentor). For R-FPN use tools/demo.py and tools/analyze_flood_fill.py."
         )
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
-    model.eval()
-    return cfg, model
+
+
+def load_model(config: str, weights: str, opts: list[str]) -> tuple[CfgNode, torch.nn.Module]:
+    return load_eval_model(config, weights, list(opts) + ["MODEL.DEVICE", "cpu"], check=_pathfinder_only)
 
 
 def load_images(cfg: CfgNode, dataset: str, count: int) -> list[dict]:

@@ -28,11 +28,9 @@ import os
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import build_augmentation
-from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
@@ -42,6 +40,7 @@ from rfpn.analysis import compare_fill_order, flood_fill_steps, select_steps, vo
 from rfpn.analysis.figures import plot_flood_fill
 from rfpn.data import register_synthetic_panoptic
 from rfpn.utils.cli import load_config, run_cli
+from rfpn.utils.models import build_eval_model
 
 logger = logging.getLogger("rfpn.analyze_flood_fill")
 
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.synthetic:
         register_synthetic_panoptic(*args.synthetic)
     cfg = setup_cfg(args)
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
+    model = build_eval_model(cfg)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     mapper = DatasetMapper(
         is_train=True,  # keep the annotations; the augmentations are the test-time resize

@@ -29,7 +29,6 @@ import sys
 import time
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
@@ -45,6 +44,7 @@ from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
+from rfpn.utils.models import build_eval_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "Pathfinder", "cpu")
@@ -229,8 +229,7 @@ def reevaluate(name: str, args, out_root: str) -> dict:
             f"{name} has no finished run in {method_dir(out_root, name)}; train it first (drop --eval-only)."
         )
     cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, method_dir(out_root, name), args.opts)
-    model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(row["checkpoint"])
+    model = build_eval_model(cfg, row["checkpoint"])
     row.update(evaluation(name, args, cfg, model))
     logger.info(f"{name} re-evaluated: {json.dumps({k: row[k] for k in ('iou', 'generalisation', 'inference')})}")
     save_row(out_root, row)

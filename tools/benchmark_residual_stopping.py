@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,22 +62,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(config: str, weights: str, opts: list[str]):
-    """The checked config and the Pathfinder segmentor with ``weights`` loaded, in eval mode."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+    """The checked config and the recurrent Pathfinder segmentor with ``weights`` loaded, in eval mode."""
+    from rfpn.utils.cli import UsageError
+    from rfpn.utils.models import load_eval_model
 
-    from rfpn.config import validate_recurrent_config
-    from rfpn.utils.cli import UsageError, load_config
+    def recurrent_pathfinder(cfg) -> None:
+        if cfg.MODEL.META_ARCHITECTURE != "PathfinderSegmentor" or cfg.MODEL.PATHFINDER.CORE != "recurrent":
+            raise UsageError(f"{config}: this benchmark needs a recurrent PathfinderSegmentor (MODEL.PATHFINDER.CORE recurrent).")
 
-    if not os.path.isfile(weights):
-        raise UsageError(f"Weights {weights!r} do not exist; train first: tools/train_net.py --config-file {config}.")
-    cfg = load_config(config, list(opts) + ["MODEL.DEVICE", "cpu"], validators=[validate_recurrent_config])
-    if cfg.MODEL.META_ARCHITECTURE != "PathfinderSegmentor" or cfg.MODEL.PATHFINDER.CORE != "recurrent":
-        raise UsageError(f"{config}: this benchmark needs a recurrent PathfinderSegmentor (MODEL.PATHFINDER.CORE recurrent).")
-    cfg.freeze()
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
-    return cfg, model.eval()
+    return load_eval_model(config, weights, list(opts) + ["MODEL.DEVICE", "cpu"], check=recurrent_pathfinder)
 
 
 @contextmanager

@@ -33,14 +33,14 @@ import torch
 from rfpn.utils.files import copy_to_docs
 
 SOLVERS = ("iterate", "anderson", "heavyball")
-CPU_SCALE = ["MODEL.RECURRENT.CHANNELS", "16", "MODEL.RECURRENT.KERNEL_SIZE", "7", "MODEL.RECURRENT.NORM", "gn"]
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "Pathfinder" / "cpu" / "hgru16_random_init.yaml")
 
 logger = logging.getLogger("rfpn.benchmark_solvers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", default="", help="rfpn Pathfinder config (default: CPU-scale defaults)")
+    parser.add_argument("--config-file", default="", help="rfpn Pathfinder config (default: a random-init 16-channel hGRU)")
     parser.add_argument("--weights", default="", help="checkpoint to load (default: random initialisation)")
     parser.add_argument("--preset", default="cpu", choices=("cpu", "paper"), help="Pathfinder image generator preset")
     parser.add_argument("--batch", type=int, default=8, help="images in the batch")
@@ -64,29 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The Pathfinder segmentor of ``--config-file`` (or CPU-scale defaults), weights loaded if given."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model as d2_build_model
+    """The Pathfinder segmentor of ``--config-file`` (default: :data:`DEFAULT_CONFIG`), weights loaded if given."""
+    from rfpn.utils.cli import load_config
+    from rfpn.utils.models import build_eval_model
 
-    from rfpn.config import add_rfpn_config
-
-    cfg = get_cfg()
-    add_rfpn_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    else:
-        cfg.MODEL.META_ARCHITECTURE = "PathfinderSegmentor"
-        cfg.merge_from_list(CPU_SCALE)
-    cfg.merge_from_list(args.opts + ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(args.config_file or DEFAULT_CONFIG, args.opts + ["MODEL.DEVICE", "cpu"])
     torch.manual_seed(args.seed)
-    model = d2_build_model(cfg)
-    if args.weights:
-        DetectionCheckpointer(model).load(args.weights)
-    cell = getattr(getattr(model, "core", None), "cell", None)
-    if cell is None:
+    model = build_eval_model(cfg, args.weights)
+    if getattr(getattr(model, "core", None), "cell", None) is None:
         raise ValueError("The model has no recurrent core (MODEL.PATHFINDER.CORE must be 'recurrent').")
-    return model.eval()
+    return model
 
 
 def make_images(preset: str, batch: int, seed: int) -> torch.Tensor:

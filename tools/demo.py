@@ -36,6 +36,7 @@ import rfpn  # noqa: F401  (registers rfpn's models and datasets)
 from rfpn.analysis import select_steps
 from rfpn.analysis.figures import plot_strip
 from rfpn.utils.cli import load_config, run_cli
+from rfpn.utils.models import build_eval_model
 
 logger = logging.getLogger("rfpn.demo")
 
@@ -103,12 +104,7 @@ def run_panoptic(cfg: CfgNode, path: str, out_dir: str, steps_shown: int) -> lis
 
 
 def run_pathfinder(cfg: CfgNode, path: str, out_dir: str, steps_shown: int) -> list[str]:
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
+    model = build_eval_model(cfg)
     gray = read_image(path, format="L")[:, :, 0].astype(np.float32)
     with torch.no_grad():
         out = model([{"image": torch.from_numpy(gray)[None], "height": gray.shape[0], "width": gray.shape[1]}])[0]

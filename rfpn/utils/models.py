@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -12,16 +12,30 @@ from rfpn.engine.checkpoint import CheckedCheckpointer
 
 from .cli import UsageError, load_config
 
-__all__ = ["load_eval_model"]
+__all__ = ["build_eval_model", "load_eval_model"]
+
+
+def build_eval_model(cfg: CfgNode, weights: str | None = None) -> torch.nn.Module:
+    """``cfg``'s model with ``weights`` (default ``cfg.MODEL.WEIGHTS``; ``""``: none) loaded strictly, in eval mode."""
+    weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    model = build_model(cfg)
+    if weights:
+        CheckedCheckpointer(model, partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS).load(weights)
+    return model.eval()
 
 
 def load_eval_model(
-    config_file: str, weights: str, opts: Sequence[str] = (), meta_architecture: str | None = None
+    config_file: str,
+    weights: str,
+    opts: Sequence[str] = (),
+    meta_architecture: str | None = None,
+    check: Callable[[CfgNode], None] | None = None,
 ) -> tuple[CfgNode, torch.nn.Module]:
     """The checked config (file + ``KEY VALUE`` overrides), and its model with ``weights`` loaded, in eval mode.
 
-    Raises :class:`~rfpn.utils.cli.UsageError` for a bad config or a model of another
-    ``meta_architecture``, ``FileNotFoundError`` naming the training command for missing weights, and
+    ``check`` may raise :class:`~rfpn.utils.cli.UsageError` for a config the calling tool cannot use.
+    Raises ``UsageError`` for a bad config or a model of another ``meta_architecture``,
+    ``FileNotFoundError`` naming the training command for missing weights, and
     :class:`~rfpn.engine.checkpoint.CheckpointError` for weights that are unreadable or of another model.
     """
     cfg = load_config(config_file, opts)
@@ -30,11 +44,11 @@ def load_eval_model(
             f"{config_file}: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE!r}; this tool needs a "
             f"{meta_architecture} config."
         )
+    if check is not None:
+        check(cfg)
     if not os.path.isfile(weights):
         raise FileNotFoundError(
             f"Weights {weights!r} do not exist; train the model first (tools/train_net.py --config-file {config_file})."
         )
     cfg.freeze()
-    model = build_model(cfg)
-    CheckedCheckpointer(model, partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS).load(weights)
-    return cfg, model.eval()
+    return cfg, build_eval_model(cfg, weights)
