@@ -148,9 +148,8 @@ def test_benchmark_pathfinder_trains_then_eval_only_rescores_with_new_test_setti
     """The benchmark keeps a finished method's row; --eval-only changes only its test pass and scores."""
     import json
 
-    spec = importlib.util.spec_from_file_location("bench_pf", os.path.join(REPO, "tools", "benchmark_pathfinder.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from rfpn.benchmarks import pathfinder as bench
+
     opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
             "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2",
             "MODEL.RECURRENT.MAX_STEPS", "4"]
@@ -170,9 +169,8 @@ def test_benchmark_pathfinder_trains_then_eval_only_rescores_with_new_test_setti
 
 
 def test_benchmark_pathfinder_tests_reversible_rows_past_their_training_steps(tiny_pathfinder, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_pf", os.path.join(REPO, "tools", "benchmark_pathfinder.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from rfpn.benchmarks import pathfinder as bench
+
     opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
             "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2",
             "MODEL.RECURRENT.STEPS", "2"]

@@ -328,3 +328,31 @@ def plot_backbone_memory(path: str, rows: Sequence[Mapping]) -> str:
     fig.suptitle(f"bottom-up network, batch {rows[0]['batch']} at {rows[0]['size']}x{rows[0]['size']}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi=110)
+
+
+def plot_pathfinder_benchmark(path: str, rows: Sequence[Mapping], train_set: str) -> str:
+    """Test IoU and MiB saved for backward per method, and IoU vs contour length for the generalisation rows."""
+    fig = Figure(figsize=(14, 4))
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    names = [r["method"] for r in rows]
+    axes[0].bar(names, [r["iou"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("test IoU (contour)")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title(f"{train_set}, equal budgets")
+    axes[1].bar(names, [r["saved_bytes"] / 2**20 for r in rows], color="tab:orange")
+    axes[1].set_ylabel("MiB saved for backward / iteration")
+    axes[1].set_title("training memory")
+    for r in rows:
+        if r["generalisation"]:
+            lengths = sorted(r["generalisation"], key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+            axes[2].plot(lengths, [r["generalisation"][x] for x in lengths], "o-", label=r["method"])
+    axes[2].set_xlabel("test contour length (paddles)")
+    axes[2].set_ylabel("test IoU")
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title(f"trained on {train_set}")
+    if any(r["generalisation"] for r in rows):
+        axes[2].legend()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,308 @@
+"""Pathfinder benchmark of the gradient methods at CPU scale (a documented command, not a test).
+
+Trains BPTT, C-BPTT, RBP, C-RBP, the feed-forward control and the other gradient methods (JFB,
+phantom gradients and their LCP variants, C-RBP with the automatic LCP weight) with the same budget
+(iterations, batch, data) and reports for each: test IoU (pooled contour IoU), recurrent steps, training memory
+(bytes autograd saves for backward in one training iteration, counted with
+``rfpn.recurrent.saved_tensor_bytes``), and seconds per training iteration. Then it tests the
+BPTT and C-RBP models, trained on the short contours, on longer ones (generalisation).
+
+The command line is ``tools/benchmark_pathfinder.py``. Writes ``<output-dir>/benchmark_pathfinder.json`` and ``.png``; ``--copy-to-docs`` also copies
+the PNG to ``docs/figures/``. Each method's result is kept in ``<output-dir>/<method>/row.json``:
+a re-run (say, after an interruption) trains only the methods without one (``--rerun`` retrains;
+``--eval-only`` scores the saved checkpoints again with the configs' current test-time settings).
+``--jobs 2`` trains two methods at a time in child processes with one thread each, which on a
+2-core machine halves the wall time (one thread per process is as fast here as two). Example
+(README, "Pathfinder")::
+
+    python tools/benchmark_pathfinder.py --iters 3000 --prepare --jobs 2 --copy-to-docs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.logger import setup_logger
+
+import rfpn  # noqa: F401  (registers datasets and models)
+from rfpn.data.pathfinder import register_pathfinder
+from rfpn.data.pathfinder_generator import main as prepare_pathfinder
+from rfpn.engine import Trainer
+from rfpn.analysis.figures import plot_pathfinder_benchmark, plot_penalty_weight_curves
+from rfpn.modeling.recurrent_core import penalty_weight_history
+from rfpn.recurrent import saved_tensor_bytes
+from rfpn.utils import run_cli
+from rfpn.utils.cli import load_config
+from rfpn.utils.files import copy_to_docs, write_json_atomic
+from rfpn.utils.jobs import ChildJob, run_child_jobs
+from rfpn.utils.models import build_eval_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_DIR = os.path.join(REPO, "configs", "Pathfinder", "cpu")
+METHODS = {
+    "BPTT": "pfcpu9_hgru_bptt.yaml",
+    "C-BPTT": "pfcpu9_hgru_cbptt.yaml",
+    "RBP": "pfcpu9_hgru_rbp.yaml",
+    "C-RBP": "pfcpu9_hgru_crbp.yaml",
+    "FF control": "pfcpu9_ff_control.yaml",
+    "JFB": "pfcpu9_hgru_jfb.yaml",
+    "Phantom": "pfcpu9_hgru_phantom.yaml",
+    "C-JFB": "pfcpu9_hgru_cjfb.yaml",
+    "C-Phantom": "pfcpu9_hgru_cphantom.yaml",
+    "C-RBP auto": "pfcpu9_hgru_crbp_auto.yaml",
+    "Reversible": "pfcpu9_hgru_reversible.yaml",
+    "Reversible additive": "pfcpu9_hgru_reversible_additive.yaml",
+}
+GENERALISATION_METHODS = ("BPTT", "C-RBP")
+# methods also tested with 3x their training steps: does the dynamics stay put past the steps it was trained for?
+PAST_STEPS_METHODS = ("BPTT", "C-RBP", "Reversible", "Reversible additive")
+logger = logging.getLogger("rfpn.benchmark_pathfinder")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=1500, help="training iterations of every method (equal budget)")
+    p.add_argument("--train-set", default="pathfinder_cpu9", help="registered Pathfinder set to train and test on")
+    p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu9", "pathfinder_cpu12", "pathfinder_cpu14"],
+                   help="sets (longer contours) to test the BPTT and C-RBP models on")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per training process")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods trained at once, each in a child process with --threads // --jobs threads")
+    p.add_argument("--rerun", action="store_true", help="retrain methods that already have a row.json")
+    p.add_argument("--eval-only", action="store_true",
+                   help="score the named methods' saved checkpoints again with their current config (test-time "
+                        "settings such as TEST_SOLVER / TEST_STEPS), keeping the training measurements")
+    p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
+    p.add_argument("--output-dir", default=os.path.join("output", "benchmark_pathfinder"))
+    p.add_argument("--copy-to-docs", action="store_true", help="copy the PNG to docs/figures/")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method")
+    return p.parse_args(argv)
+
+
+def method_cfg(config_file: str, train_set: str, test_set: str, iters: int, output_dir: str, opts) -> CfgNode:
+    """The method's packaged config, trained for ``iters`` (LR steps scaled) on ``train_set``, then ``opts``."""
+    cfg = load_config(os.path.join(CONFIG_DIR, config_file))
+    scale = iters / cfg.SOLVER.MAX_ITER
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN", (f"{train_set}_train",),
+            "DATASETS.TEST", (f"{test_set}_test",),
+            "SOLVER.MAX_ITER", iters,
+            "SOLVER.STEPS", tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS),
+            "SOLVER.CHECKPOINT_PERIOD", iters,
+            "TEST.EVAL_PERIOD", 0,
+            "OUTPUT_DIR", output_dir,
+        ]
+    )
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg
+
+
+def training_bytes(cfg: CfgNode) -> int:
+    """Bytes saved for backward by one training iteration (forward + loss) of a fresh model."""
+    model = Trainer.build_model(cfg)
+    batch = next(iter(Trainer.build_train_loader(cfg)))
+    with saved_tensor_bytes() as counter:
+        loss = sum(model(batch).values())
+    loss.backward()
+    return counter.forward_bytes
+
+
+def method_dir(out_root: str, name: str) -> str:
+    return os.path.join(out_root, name.replace(" ", "_").lower())
+
+
+def load_row(out_root: str, name: str) -> dict | None:
+    path = os.path.join(method_dir(out_root, name), "row.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_row(out_root: str, row: dict) -> None:
+    """Write the row atomically: a half-written file must never count as a finished method."""
+    write_json_atomic(os.path.join(method_dir(out_root, row["method"]), "row.json"), row)
+
+
+def contour_length_of(test_set: str) -> int | str:
+    """The contour length of a registered Pathfinder set (its name when the metadata lacks it)."""
+    return MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
+
+
+def run_method(name: str, args, out_root: str) -> dict:
+    train_set = args.train_set
+    out = method_dir(out_root, name)
+    cfg = method_cfg(METHODS[name], train_set, train_set, args.iters, out, args.opts)
+    os.makedirs(out, exist_ok=True)
+    memory = training_bytes(cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    results = trainer.train()
+    elapsed = time.perf_counter() - start
+    timer = trainer.storage.history("time") if "time" in trainer.storage.histories() else None
+    sec_per_iter = timer.global_avg() if timer is not None else elapsed / args.iters
+    rc = cfg.MODEL.RECURRENT
+    recurrent = cfg.MODEL.PATHFINDER.CORE == "recurrent"
+    steps_key = next((k for k in trainer.storage.histories() if k.endswith("/steps")), None)
+    row = {
+        "method": name,
+        "config": os.path.join("configs", "Pathfinder", "cpu", METHODS[name]),
+        "grad": rc.GRAD if recurrent else "feedforward",
+        "solver": rc.SOLVER if recurrent else "-",
+        "steps": (rc.STEPS if rc.SOLVER == "fixed" else rc.MAX_STEPS) if recurrent else cfg.MODEL.PATHFINDER.FF_LAYERS,
+        # cell evaluations per forward pass, averaged over the last 20% of training
+        "mean_steps": trainer.storage.history(steps_key).avg(max(1, args.iters // 5)) if steps_key else None,
+        "iters": args.iters,
+        "batch": cfg.SOLVER.IMS_PER_BATCH,
+        "saved_bytes": memory,
+        "sec_per_iter": sec_per_iter,
+        "checkpoint": os.path.join(out, "model_final.pth"),
+    }
+    row.update(penalty_weight_history(trainer.storage, "recurrent", args.iters))
+    row.update(evaluation(name, args, cfg, trainer.model, results["pathfinder"]["IoU"]))
+    logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
+    save_row(out_root, row)
+    return row
+
+
+def evaluation(name: str, args, cfg: CfgNode, model: torch.nn.Module, iou: float | None = None) -> dict:
+    """Test IoU on the training length and, for the generalisation methods, on the longer test sets.
+
+    Inference follows ``cfg`` (the method's config as loaded for training, so a config file edited
+    while a long run trains cannot change or break its evaluation); ``iou`` is the training run's
+    own evaluation on the training length, when there is one.
+    """
+    def test_iou(test_set: str) -> float:
+        test_cfg = cfg.clone()
+        test_cfg.defrost()
+        test_cfg.DATASETS.TEST = (f"{test_set}_test",)
+        return Trainer.test(test_cfg, model)["pathfinder"]["IoU"]
+
+    iou = test_iou(args.train_set) if iou is None else iou
+    lengths = args.test_sets if name in GENERALISATION_METHODS else []
+    generalisation = {
+        str(contour_length_of(t)): iou if t == args.train_set else test_iou(t) for t in lengths
+    }
+    result = {"iou": iou, "generalisation": generalisation, "inference": inference_description(cfg)}
+    if name in PAST_STEPS_METHODS and cfg.MODEL.RECURRENT.SOLVER == "fixed":
+        rc = cfg.MODEL.RECURRENT
+        past = 3 * rc.STEPS
+        past_cfg = cfg.clone()
+        past_cfg.defrost()
+        past_cfg.MODEL.RECURRENT.TEST_SOLVER, past_cfg.MODEL.RECURRENT.TEST_STEPS = "fixed", past
+        past_cfg.DATASETS.TEST = (f"{args.train_set}_test",)
+        result["iou_past_training_steps"] = {"steps": past, "iou": Trainer.test(past_cfg, model)["pathfinder"]["IoU"]}
+    return result
+
+
+def inference_description(cfg: CfgNode) -> str:
+    """How a method's test pass runs, e.g. ``fixed, 60 steps`` or ``anderson, tol 0.001, <= 40 steps``."""
+    if cfg.MODEL.PATHFINDER.CORE != "recurrent":
+        return f"{cfg.MODEL.PATHFINDER.FF_LAYERS} layers"
+    rc = cfg.MODEL.RECURRENT
+    solver = rc.TEST_SOLVER or rc.SOLVER
+    if solver == "fixed":
+        return f"fixed, {rc.TEST_STEPS or rc.STEPS} steps"
+    return f"{solver}, tol {rc.TOL:g}, <= {rc.MAX_STEPS} steps"
+
+
+def reevaluate(name: str, args, out_root: str) -> dict:
+    """Score a finished method's checkpoint again with the current config; training numbers are kept."""
+    row = load_row(out_root, name)
+    if row is None or not os.path.isfile(row["checkpoint"]):
+        raise FileNotFoundError(
+            f"{name} has no finished run in {method_dir(out_root, name)}; train it first (drop --eval-only)."
+        )
+    cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, method_dir(out_root, name), args.opts)
+    model = build_eval_model(cfg, row["checkpoint"])
+    row.update(evaluation(name, args, cfg, model))
+    logger.info(f"{name} re-evaluated: {json.dumps({k: row[k] for k in ('iou', 'generalisation', 'inference')})}")
+    save_row(out_root, row)
+    return row
+
+
+def child_job(name: str, args) -> ChildJob:
+    """One method trained in a child process running this module (its log: ``<method>/benchmark.log``)."""
+    threads = max(1, args.threads // args.jobs)
+    argv = [
+        sys.executable, "-m", __name__, "--methods", name, "--rerun", "--row-only",
+        "--iters", str(args.iters), "--train-set", args.train_set, "--test-sets", *args.test_sets,
+        "--threads", str(threads), "--output-dir", args.output_dir, *args.opts,
+    ]
+    return ChildJob(name, argv, os.path.join(method_dir(args.output_dir, name), "benchmark.log"), threads)
+
+
+def _past_steps(row: dict) -> str:
+    past = row.get("iou_past_training_steps")
+    return f"{past['iou']:.3f} ({past['steps']} steps)" if past else "-"
+
+
+def _steps_used(row: dict) -> str:
+    return "-" if row.get("mean_steps") is None else f"{row['mean_steps']:.1f}"
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    setup_logger()
+    setup_logger(name="rfpn")
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name in dict.fromkeys([args.train_set, *args.test_sets]):
+        match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
+        if args.prepare and match:
+            prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1)])
+            register_pathfinder(name)  # again, with the metadata of the set on disk
+        elif f"{name}_test" not in DatasetCatalog.list():
+            register_pathfinder(name)
+    todo = [n for n in args.methods if args.rerun or load_row(args.output_dir, n) is None]
+    if args.eval_only:
+        for name in args.methods:
+            reevaluate(name, args, args.output_dir)
+    elif todo and args.jobs > 1:
+        run_child_jobs([child_job(n, args) for n in todo], args.jobs)
+    else:
+        for name in todo:
+            run_method(name, args, args.output_dir)
+    rows = [row for row in (load_row(args.output_dir, n) for n in METHODS) if row is not None]  # all finished
+    if args.row_only:
+        return rows
+    json_path = os.path.join(args.output_dir, "benchmark_pathfinder.json")
+    write_json_atomic(json_path, {"train_set": args.train_set, "iters": args.iters, "threads": args.threads, "rows": rows})
+    png_path = os.path.join(args.output_dir, "benchmark_pathfinder.png")
+    plot_pathfinder_benchmark(png_path, rows, args.train_set)
+    curves = {r["method"]: r["curves"] for r in rows if r.get("curves")}
+    if curves:
+        plot_penalty_weight_curves(os.path.join(args.output_dir, "penalty_weight.png"), curves, lam=0.9)
+    if args.copy_to_docs:
+        copy_to_docs(png_path, "benchmark_pathfinder.png")
+    header = "| method | config | steps (max) | steps used | test pass | IoU | IoU at 3x steps | MiB saved for backward | s / iter | " + " | ".join(
+        f"IoU on {n}" for n in args.test_sets
+    ) + " |"
+    print(header)
+    print("|" + "---|" * (9 + len(args.test_sets)))
+    for r in rows:
+        gen = " | ".join(f"{v:.3f}" for v in r["generalisation"].values()) if r["generalisation"] else " | ".join("-" * len(args.test_sets))
+        print(
+            f"| {r['method']} | `{r['config']}` | {r['steps']} | {_steps_used(r)} | {r.get('inference', '-')} | {r['iou']:.3f} | "
+            f"{_past_steps(r)} | {r['saved_bytes'] / 2**20:.1f} | "
+            f"{r['sec_per_iter']:.2f} | {gen} |"
+        )
+    print(f"Wrote {json_path} and {png_path}")
+    return rows
+
+
+if __name__ == "__main__":  # a --jobs child (child_job)
+    run_cli(main)
