@@ -356,3 +356,33 @@ def plot_pathfinder_benchmark(path: str, rows: Sequence[Mapping], train_set: str
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_rfpn_benchmark(path: str, summary: Sequence[Mapping], sweep: Sequence[Mapping]) -> str:
+    """PQ per model (bars: mean over seeds, dots: seeds), seconds per iteration, and mask-head bytes vs steps."""
+    fig = Figure(figsize=(15, 4.2))
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    if summary:
+        names = [r["model"].replace("R-FPN ", "") for r in summary]
+        axes[0].bar(names, [r["PQ"] for r in summary], color="tab:blue", alpha=0.7)
+        for i, r in enumerate(summary):
+            axes[0].plot([i] * len(r["PQ_runs"]), r["PQ_runs"], "k.")
+        low = min(min(r["PQ_runs"]) for r in summary)
+        axes[0].set_ylim(max(0.0, low - 5), None)
+        axes[0].set_ylabel("PQ (val)")
+        axes[0].set_title(f"PQ after {summary[0]['iters']} iterations (bars: mean, dots: seeds)")
+        axes[1].bar(names, [r["sec_per_iter"] for r in summary], color="tab:gray")
+        axes[1].set_ylabel("seconds / iteration")
+        axes[1].set_title("training time per iteration")
+        for ax in axes[:2]:
+            ax.tick_params(axis="x", rotation=20)
+    for grad, color in (("bptt", "tab:red"), ("crbp", "tab:green")):
+        pts = [r for r in sweep if r["grad"] == grad]
+        axes[2].plot([r["steps"] for r in pts], [r["bytes"] / 2**20 for r in pts], "o-", color=color, label=grad.upper())
+    if sweep:
+        axes[2].set_title(f"mask-head memory saved for backward ({sweep[0]['rois']} RoIs)")
+        axes[2].legend()
+    axes[2].set_xlabel("recurrent steps")
+    axes[2].set_ylabel("MB")
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)
