@@ -171,3 +171,18 @@ def test_evaluator_matches_random_counts():
         union += int(((gt == 1) | (pr == 1)).sum())
         ev.process([{"sem_seg": gt}], [{"sem_seg": _scores(pr)}])
     assert ev.evaluate()["pathfinder"]["IoU"] == pytest.approx(inter / union)
+
+
+def test_batched_contour_counts_agree_with_the_evaluator_and_pool_by_hand():
+    from rfpn.evaluation.pathfinder_evaluation import batched_contour_counts, contour_counts, pooled_iou
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 2, 5, 5)  # (steps, batch, classes, H, W)
+    labels = torch.randint(0, 2, (2, 5, 5))
+    labels[0, 0, :] = 255
+    counts = batched_contour_counts(logits, labels)
+    assert counts.shape == (3, 2, 2)
+    for t in range(3):
+        for b in range(2):
+            assert counts[t, b].tolist() == contour_counts(logits[t, b].argmax(0), labels[b])[:2].tolist()
+    assert pooled_iou(np.array([[1, 4], [3, 4]])) == 0.5 and np.isnan(pooled_iou(np.zeros((2, 2))))

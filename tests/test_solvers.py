@@ -296,14 +296,10 @@ def test_config_keys_are_validated_and_reach_the_dynamics():
 
 
 def test_benchmark_solvers_writes_json_and_png(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "benchmark_solvers.py"
-    spec = importlib.util.spec_from_file_location("benchmark_solvers", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from rfpn.benchmarks import solvers as bench
+
     bench.main(
         ["--batch", "2", "--tols", "1e-2", "1e-4", "--repeats", "1", "--threads", "1", "--output-dir", str(tmp_path),
          "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3"]

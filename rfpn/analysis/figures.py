@@ -386,3 +386,45 @@ def plot_rfpn_benchmark(path: str, summary: Sequence[Mapping], sweep: Sequence[M
     axes[2].set_ylabel("MB")
     fig.tight_layout()
     return _save(fig, path, dpi=110)
+
+
+def plot_solver_residuals(path: str, traces: Mapping[str, Sequence[Mapping]], tols: Sequence[float], title: str) -> str:
+    """Batch-max relative residual vs function evaluations, one line per solver; tolerances dashed."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for solver, trace in traces.items():
+        residuals = [p["max_relative_residual"] for p in trace]
+        ax.semilogy(range(1, len(residuals) + 1), residuals, label=solver)
+    for tol in tols:
+        ax.axhline(tol, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("function evaluations (cell calls on the batch)")
+    ax.set_ylabel("max over batch of |F(h) - h| / |F(h)|")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_residual_stopping(path: str, models: Mapping[str, Mapping], steps: int) -> str:
+    """IoU vs plain-iteration step (dashed: mean stop, dotted: twice it) and the relative state change per step."""
+    fig = Figure(figsize=(10, 3.8))
+    ax_iou, ax_res = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for (name, res), color in zip(models.items(), colors):
+        iou = res["iou_per_step"]
+        ax_iou.plot(range(1, len(iou) + 1), iou, color=color, label=f"{name} ({res['solver']})")
+        ax_iou.axvline(res["stop_mean"], color=color, ls="--", lw=0.8)
+        ax_iou.axvline(2 * res["stop_mean"], color=color, ls=":", lw=0.8)
+        change = res["relative_change_per_step"]
+        ax_res.semilogy(range(2, len(change) + 2), change, color=color, label=name)
+        if res["tol"]:
+            ax_res.axhline(res["tol"], color=color, ls="--", lw=0.8)
+    ax_iou.axvline(steps, color="grey", lw=0.8)
+    ax_iou.set_xlabel("step t of plain iteration (dashed: mean stop, dotted: 2x)")
+    ax_iou.set_ylabel("pooled contour IoU")
+    ax_iou.legend(fontsize=8)
+    ax_res.set_xlabel("step t")
+    ax_res.set_ylabel("mean |s_t - s_{t-1}| / |s_t| (readout state)")
+    ax_res.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi=80)

@@ -31,6 +31,20 @@ def contour_counts(pred: torch.Tensor, gt: torch.Tensor, ignore_label: int = 255
     )
 
 
+def batched_contour_counts(logits: torch.Tensor, labels: torch.Tensor, ignore_label: int = 255) -> np.ndarray:
+    """``(..., B, 2)`` contour intersection and union per image from ``(..., B, 2, H, W)`` logits and ``(B, H, W)`` labels."""
+    valid = labels != ignore_label
+    pred = (logits.argmax(-3) == 1) & valid
+    gt = (labels == 1) & valid
+    return torch.stack([(pred & gt).flatten(-2).sum(-1), (pred | gt).flatten(-2).sum(-1)], -1).numpy()
+
+
+def pooled_iou(counts: np.ndarray) -> float:
+    """Contour IoU pooled over images: total intersection over total union (``[..., 0]`` / ``[..., 1]``)."""
+    union = counts[..., 1].sum()
+    return float(counts[..., 0].sum() / union) if union > 0 else float("nan")
+
+
 class PathfinderEvaluator(DatasetEvaluator):
     """Pooled contour IoU (plus pixel accuracy and background IoU) and, if given, IoU per step.
 
