@@ -24,6 +24,7 @@ Trailing ``KEY VALUE`` pairs override every model's config (e.g. ``DATASETS.TEST
 from __future__ import annotations
 
 import argparse
+import sys
 import itertools
 import json
 import logging
@@ -54,6 +55,7 @@ from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
 from rfpn.recurrent.diagnostics import capture_last_step, jacobian_spectral_norm
 from rfpn.utils.cli import UsageError
 from rfpn.utils.models import load_eval_model
+from rfpn.utils import run_cli
 
 logger = logging.getLogger("rfpn.analyze_dynamics")
 
@@ -235,4 +237,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])

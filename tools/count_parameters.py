@@ -10,6 +10,7 @@ parameters than Panoptic FPN R-50; the "fewer than FPN" column is what this buil
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from rfpn import model_zoo
+from rfpn.utils import run_cli
 
 PAPER_DIFFERENCE_R50 = 783_552
 
@@ -96,10 +98,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the counts to this JSON file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     setup_logger(name="rfpn")
     torch.set_num_threads(1)
     rows = count_all()
@@ -116,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])

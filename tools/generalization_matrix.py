@@ -19,6 +19,7 @@ trained on is read from its first ``DATASETS.TRAIN`` name.
 from __future__ import annotations
 
 import argparse
+import sys
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ from rfpn.analysis import GeneralizationMatrix, StepIoU
 from rfpn.analysis.figures import plot_generalization
 from rfpn.data.pathfinder_generator import default_dataset_name
 from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
+from rfpn.utils import run_cli
 
 from analyze_dynamics import load_model  # noqa: E402  (tools/ sibling)
 
@@ -100,4 +102,4 @@ def main(argv: list[str] | None = None) -> GeneralizationMatrix:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])

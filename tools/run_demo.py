@@ -19,15 +19,15 @@ import sys
 import time
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 import rfpn  # noqa: F401  (registers the Pathfinder datasets and model)
-from rfpn.config import add_rfpn_config
 from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
+from rfpn.utils.cli import load_config, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Pathfinder", "cpu", "pfcpu9_hgru_crbp.yaml")
@@ -48,10 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_cfg(args: argparse.Namespace, dataset: str) -> CfgNode:
-    cfg = get_cfg()
-    add_rfpn_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(["DATASETS.TRAIN", (f"{dataset}_train",), "DATASETS.TEST", (f"{dataset}_test",)])
+    cfg = load_config(args.config_file, ["DATASETS.TRAIN", f"('{dataset}_train',)", "DATASETS.TEST", f"('{dataset}_test',)"])
     cfg.merge_from_list(args.opts)
     return cfg
 
@@ -188,4 +185,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

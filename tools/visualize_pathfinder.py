@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import os
 
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rfpn.data.pathfinder_generator import PRESETS, render_sample, sample_rng  # noqa: E402
+from rfpn.utils import run_cli
 
 ROWS = [("paper", 9), ("paper", 14), ("paper", 25), ("cpu", 6), ("cpu", 9), ("cpu", 14)]
 
@@ -28,12 +30,12 @@ def overlay(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--examples", type=int, default=3, help="stimuli per row")
     p.add_argument("--output", default="docs/figures/pathfinder_examples.png")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     fig, axes = plt.subplots(len(ROWS), 2 * args.examples, figsize=(2 * args.examples * 1.3, len(ROWS) * 1.4))
     for r, (preset, length) in enumerate(ROWS):
@@ -57,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])
