@@ -10,10 +10,10 @@
 Usage::
 
     python tools/demo.py --config-file configs/Synthetic-Panoptic/panoptic_rfpn_R_18_crbp10.yaml \\
-        --input img1.jpg img2.jpg --output output/demo MODEL.WEIGHTS output/.../model_final.pth
+        --input img1.jpg img2.jpg --output output/demo --opts MODEL.WEIGHTS output/.../model_final.pth
     python tools/demo.py --config-file configs/Pathfinder/cpu/pfcpu9_hgru_crbp.yaml \\
         --input datasets/pathfinder/pathfinder_cpu9/test/images/000000.png --output output/demo \\
-        MODEL.WEIGHTS output/pathfinder/pfcpu9_hgru_crbp/model_final.pth MODEL.RECURRENT.TEST_STEPS 40
+        --opts MODEL.WEIGHTS output/pathfinder/pfcpu9_hgru_crbp/model_final.pth MODEL.RECURRENT.TEST_STEPS 40
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--confidence-threshold", type=float, default=0.5)
     p.add_argument("--steps-shown", type=int, default=8, help="about how many steps the strip shows")
     p.add_argument("--device", default="cpu")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                   help="config overrides as KEY VALUE pairs (Detectron2's demo convention), e.g. --opts MODEL.WEIGHTS m.pth")
     args = p.parse_args(argv)
     setup_logger(name="rfpn")
     cfg = setup_cfg(args)
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     run = run_pathfinder if cfg.MODEL.META_ARCHITECTURE == "PathfinderSegmentor" else run_panoptic
     written = []
     for path in paths:
-        written += run(cfg, path, args.output, args.steps_shown)
-        logger.info(f"{path}: wrote {', '.join(written[-2:])}")
+        files = run(cfg, path, args.output, args.steps_shown)
+        written += files
+        logger.info(f"{path}: wrote {', '.join(files) or 'nothing'}")
     return written
 
 
