@@ -1,11 +1,24 @@
-"""RNNPool: the batched layer equals a loop over patches written from the equations; streaming equals batched."""
+"""RNNPool: the batched layer equals a loop over patches written from the equations; streaming equals batched;
+the Detectron2 stem keeps the ResNet stem's strides and channels and trains inside Panoptic FPN."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from rfpn.config import add_rfpn_config
+from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic
+from rfpn.engine import Trainer
 from rfpn.layers import RNNPool
+from rfpn.modeling import RNNPoolStem
+from rfpn.modeling.rnnpool_stem import build_rnnpool_resnet_backbone
+
+from test_rfpn_training import SIZE, tiny_cfg
 
 
 def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -164,3 +177,96 @@ def test_a_patch_larger_than_the_image_is_an_error_naming_patch_size():
         layer(torch.randn(1, 3, 6, 9))
     with pytest.raises(ValueError, match="patch_size"):
         layer.stream(torch.randn(1, 3, 6, 9))
+
+
+def _cfg(**rnnpool):
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    cfg.MODEL.RESNETS.update(DEPTH=18, RES2_OUT_CHANNELS=64, STEM_OUT_CHANNELS=64, NORM="GN",
+                             OUT_FEATURES=["res2", "res3", "res4", "res5"])
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RNNPOOL.update(HIDDEN1=4, HIDDEN2=16)
+    cfg.MODEL.RNNPOOL.update(**rnnpool)
+    return cfg
+
+
+def test_the_stem_keeps_the_resnet_strides_channels_and_output_sizes():
+    cfg = _cfg()
+    resnet = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    rnnpool = build_rnnpool_resnet_backbone(cfg, ShapeSpec(channels=3))
+    assert isinstance(rnnpool.stem, RNNPoolStem) and rnnpool.output_shape() == resnet.output_shape()
+    assert (rnnpool.stem.out_channels, rnnpool.stem.stride) == (resnet.stem.out_channels, resnet.stem.stride)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 37, 50)
+        assert rnnpool.stem(x).shape == resnet.stem(x).shape == (1, 64, 10, 13)
+    eight = build_rnnpool_resnet_backbone(_cfg(STRIDE=8), ShapeSpec(channels=3))
+    assert {k: s.stride for k, s in eight.output_shape().items()} == {"res2": 8, "res3": 16, "res4": 32, "res5": 64}
+
+
+def test_the_stem_streams_at_inference_with_the_training_result():
+    torch.manual_seed(0)
+    stem = build_rnnpool_resnet_backbone(_cfg(STREAM_ROWS=2), ShapeSpec(channels=3)).stem.double()
+    x = torch.randn(1, 3, 24, 20, dtype=torch.float64)
+    calls = []
+    stem.pool.stream = lambda *a, original=stem.pool.stream, **k: calls.append(k) or original(*a, **k)
+    trained = stem(x)
+    with torch.no_grad():
+        streamed = stem(x)
+    assert calls == [{"rows": 2}]
+    assert torch.allclose(streamed, trained, rtol=0, atol=1e-12)
+
+
+def test_the_fpn_builder_is_registered():
+    cfg = _cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_rnnpool_resnet_fpn_backbone"
+    cfg.MODEL.FPN.update(OUT_CHANNELS=8, IN_FEATURES=["res2", "res3", "res4", "res5"])
+    with torch.no_grad():
+        out = build_backbone(cfg)(torch.randn(1, 3, 64, 64))
+    assert {k: v.shape[-1] for k, v in out.items()} == {"p2": 16, "p3": 8, "p4": 4, "p5": 2, "p6": 1}
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"PATCH_SIZE": [8, 900]}, r"MODEL.RNNPOOL.PATCH_SIZE=\[8, 900\] is not valid; allowed values: .*at most the "
+                                   r"shortest image side \(800"),
+        ({"STRIDE": 0}, r"MODEL.RNNPOOL.STRIDE=0 is not valid; allowed values: a power of two"),
+        ({"STRIDE": 16}, r"MODEL.RNNPOOL.STRIDE=16 is not valid; .*at most the smaller patch side"),
+        ({"HIDDEN1": 0}, r"MODEL.RNNPOOL.HIDDEN1=0 is not valid; allowed values: an integer >= 1"),
+        ({"HIDDEN2": 0}, r"MODEL.RNNPOOL.HIDDEN2=0 is not valid; allowed values: MODEL.RESNETS.STEM_OUT_CHANNELS / 4 = 16"),
+        ({"HIDDEN2": 8}, r"MODEL.RNNPOOL.HIDDEN2=8 is not valid"),
+        ({"CELL": "lstm"}, r"MODEL.RNNPOOL.CELL='lstm' is not valid; allowed values: fastgrnn, gru"),
+        ({"STREAM_ROWS": -1}, r"MODEL.RNNPOOL.STREAM_ROWS=-1 is not valid"),
+    ],
+)
+def test_bad_rnnpool_keys_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_rnnpool_resnet_backbone(_cfg(**overrides), ShapeSpec(channels=3))
+
+
+@pytest.fixture(scope="module")
+def tiny_panoptic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("panoptic")
+    generate_synthetic_panoptic(str(root), "rfpn_tiny_rnnpool", num_train=4, num_test=2, image_size=SIZE, seed=0,
+                                workers=1, show_progress=False)
+    return register_synthetic_panoptic("rfpn_tiny_rnnpool", str(root))
+
+
+@pytest.mark.parametrize("config", ["Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool.yaml",
+                                    "Synthetic-Panoptic/panoptic_rfpn_R_18_rnnpool_crbp20.yaml"])
+def test_the_stem_trains_two_iterations_inside_panoptic_fpn(tiny_panoptic, tmp_path, config):
+    train, val = tiny_panoptic
+    cfg = tiny_cfg(config, train, val, str(tmp_path)).clone()
+    cfg.defrost()
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.DATASETS.TEST = ()
+    cfg.freeze()
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    stem = trainer.model.backbone.bottom_up.stem
+    assert isinstance(stem, RNNPoolStem)
+    before = {n: p.detach().clone() for n, p in stem.named_parameters()}
+    trainer.train()
+    assert trainer.iter == 2
+    assert all(not torch.equal(before[n], p) for n, p in stem.named_parameters()), "the RNNPool stem did not train"
+    assert torch.isfinite(torch.tensor(trainer.storage.histories()["total_loss"].values()[-1][0]))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Parameter counts of Panoptic FPN and R-FPN (R-50, R-101, RevNet-104) and of their backbones and mask heads.
+"""Parameter counts of Panoptic FPN and R-FPN (R-50, R-101, RevNet-104, RNNPool stem) and of their backbones and mask heads.
 
 Builds each model from rfpn's packaged configs on the CPU, without loading weights, and
 prints a table (optionally JSON). The paper reports that R-FPN-R50 has 783,552 fewer
@@ -43,8 +43,16 @@ MODELS = [
         "Panoptic FPN RevNet-104",
         [],
     ),
+    ("Panoptic FPN R-50, RNNPool stem", "COCO-PanopticSegmentation/panoptic_fpn_R_50_rnnpool_1x.yaml", None, []),
+    (
+        "R-FPN R-50, RNNPool stem (C-RBP-20)",
+        "COCO-PanopticSegmentation/panoptic_rfpn_R_50_rnnpool_crbp20_1x.yaml",
+        "Panoptic FPN R-50, RNNPool stem",
+        [],
+    ),
     ("Panoptic FPN R-18 (synthetic)", "Synthetic-Panoptic/panoptic_fpn_R_18.yaml", None, []),
     ("Panoptic FPN RevNet-18 (synthetic)", "Synthetic-Panoptic/panoptic_fpn_RevNet_18.yaml", None, []),
+    ("Panoptic FPN R-18, RNNPool stem (synthetic)", "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool.yaml", None, []),
 ]
 
 
@@ -86,12 +94,12 @@ def count_all(models: list = MODELS) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"| {'model':34s} | {'parameters':>12s} | {'backbone':>12s} | {'mask head':>10s} | "
+    header = (f"| {'model':44s} | {'parameters':>12s} | {'backbone':>12s} | {'mask head':>10s} | "
               f"{'fewer than FPN':>14s} |")
     lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for r in rows:
         fewer = f"{r['fewer_than_ffwd']:,}" if r["fewer_than_ffwd"] is not None else "-"
-        lines.append(f"| {r['model']:34s} | {r['total']:>12,} | {r['backbone']:>12,} | {r['mask_head']:>10,} | "
+        lines.append(f"| {r['model']:44s} | {r['total']:>12,} | {r['backbone']:>12,} | {r['mask_head']:>10,} | "
                      f"{fewer:>14s} |")
     return "\n".join(lines)
 
