@@ -100,11 +100,16 @@ def _pair(name: str, value: int | tuple[int, int] | list[int], minimum: int) -> 
     return pair
 
 
-def _sweep(cell: nn.Module, projected: torch.Tensor) -> torch.Tensor:
-    """Final state of ``cell`` run from zero over dim 1 of ``projected`` (batch, time, projected features)."""
-    h = projected.new_zeros(projected.shape[0], cell.hidden_size)
-    for t in range(projected.shape[1]):
-        h = cell.step(projected[:, t], h)
+def _sweep(cell: nn.Module, projected: torch.Tensor, dim: int) -> torch.Tensor:
+    """Final state of ``cell`` run from zero along ``dim`` of ``projected`` (the other dims but the last are batch).
+
+    Steps read ``projected.select(dim, t)`` views, so sweeping along any dim copies nothing.
+    """
+    shape = list(projected.shape)
+    del shape[dim]
+    h = projected.new_zeros(*shape[:-1], cell.hidden_size)
+    for t in range(projected.shape[dim]):
+        h = cell.step(projected.select(dim, t), h)
     return h
 
 
@@ -158,13 +163,12 @@ class RNNPool(nn.Module):
     def pool_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """``(N, C, kh, kw)`` patches to ``(N, 4 * hidden2)`` pooled vectors (the order in the module docstring)."""
         projected = self.rnn1.project(patches.permute(0, 2, 3, 1))  # (N, kh, kw, gates * hidden1), shared by both sweeps
-        n, kh, kw, features = projected.shape
-        rows = _sweep(self.rnn1, projected.reshape(n * kh, kw, features)).view(n, kh, self.hidden1)
-        cols = _sweep(self.rnn1, projected.transpose(1, 2).reshape(n * kw, kh, features)).view(n, kw, self.hidden1)
+        rows = _sweep(self.rnn1, projected, dim=2)  # (N, kh, hidden1): each row, left to right
+        cols = _sweep(self.rnn1, projected, dim=1)  # (N, kw, hidden1): each column, top to bottom
         pooled = []
         for summaries in (rows, cols):
             p = self.rnn2.project(summaries)
-            pooled += _sweep(self.rnn2, torch.cat([p, p.flip(1)])).chunk(2)  # both directions in one batch
+            pooled += _sweep(self.rnn2, torch.cat([p, p.flip(1)]), dim=1).chunk(2)  # both directions in one batch
         return torch.cat(pooled, dim=1)
 
     def _pool_region(self, region: torch.Tensor) -> torch.Tensor:
