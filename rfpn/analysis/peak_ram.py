@@ -26,6 +26,7 @@ stacks), and work that does not go through the dispatcher (NumPy, OpenCV, data l
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -329,14 +330,23 @@ def _status_bytes(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key} line.")
 
 
+def _release_free_heap() -> None:
+    """Give the free memory glibc's malloc keeps back to the kernel, so reusing it cannot hide an allocation."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the measurement may undercount by the allocator's free memory
+
+
 def peak_rss_increase(fn: Callable[[], Any]) -> int:
     """Peak resident memory reached while ``fn()`` runs minus the resident memory before it, in bytes.
 
-    Linux only: resets the kernel's high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM``.
-    Meaningful in a fresh process, where freed memory has not been kept by the allocator for reuse.
+    Linux only: returns malloc's free memory to the kernel (glibc's ``malloc_trim``), resets the
+    kernel's high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM``. Meant for a fresh process.
     """
     if not os.path.exists("/proc/self/clear_refs"):
         raise OSError("peak_rss_increase needs Linux's /proc/self/clear_refs and /proc/self/status.")
+    _release_free_heap()
     baseline = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     fn()
