@@ -10,7 +10,7 @@ sequence). ``--rss`` also measures the peak RSS increase of the same inference i
 
 ``stems``: the ResNet stem vs the RNNPool stem (batched and streaming) of the synthetic R-18 configs,
 with FLOPs and the fresh-process RSS check (docs/rnnpool.md). The committed results
-(``benchmarks/results/peak_ram.json``, ``docs/figures/peak_ram.png``; about 4 minutes on one thread)::
+(``benchmarks/results/peak_ram.json``, ``docs/figures/peak_ram.png``; about 3 minutes on one thread)::
 
     python tools/peak_ram.py stems --point stem:128x128 backbone:128x128 stem:800x1333 --copy-to-docs
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -174,13 +174,6 @@ class PeakRamReport:
             out[f"{rule}_peak_bytes"] = peak
             out[f"{rule}_peak_mib"] = peak / MIB
             out[f"{rule}_peak_module"] = self.modules[at] if at is not None else None
-        return out
-
-    def to_dict(self, per_op: bool = False) -> dict[str, Any]:
-        out = {**self.summary(), "layers": [asdict(row) for row in self.layers]}
-        if per_op:
-            out.update(ops_names=self.ops, modules=self.modules, operator_rule=self.operator_rule,
-                       liveness=self.liveness, held=self.held)
         return out
 
 

@@ -17,7 +17,8 @@ The pooled vector has ``4 * hidden2`` channels, in this order (EdgeML's C refere
 - ``[3 h2, 4 h2)``: RNN2 over the column summaries, last column to first (right to left).
 
 Two paths give the same result: :meth:`RNNPool.forward` unfolds every patch at once (training;
-memory grows with ``(kh * kw) / (sh * sw)`` times the input), :meth:`RNNPool.stream` computes
+the unfolded patches are ``(kh * kw) / (sh * sw)`` times the input, their input projections
+``gates * hidden1 / in_channels`` times more), :meth:`RNNPool.stream` computes
 a block of patches at a time (a row of patches by default, one patch with ``rows=cols=1``)
 into a preallocated output, so only one block's working set is alive besides the input and
 the output. Pure PyTorch: any device and dtype, trainable.
@@ -184,7 +185,7 @@ class RNNPool(nn.Module):
             raise ValueError(f"RNNPool expects (B, {self.in_channels}, H, W) input; got {tuple(x.shape)}.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Batched path: every patch at once (unfolded, ``kh * kw / (sh * sw)`` times the input's size)."""
+        """Batched path: every patch at once (the module docstring says how large the unfolded tensors get)."""
         self._check_input(x)
         (top, bottom, left, right), _ = self.geometry(x.shape[2], x.shape[3])
         return self._pool_region(F.pad(x, (left, right, top, bottom))).contiguous()
