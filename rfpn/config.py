@@ -114,6 +114,18 @@ def add_revnet_config(cfg: CN) -> None:
     _C.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
 
 
+def add_rnnpool_config(cfg: CN) -> None:
+    """``MODEL.RNNPOOL``: the RNNPool stem of a ResNet (``MODEL.BACKBONE.NAME: build_rnnpool_resnet_fpn_backbone``)."""
+    cfg.MODEL.RNNPOOL = CN()
+    _C = cfg.MODEL.RNNPOOL
+    _C.PATCH_SIZE = [8, 8]  # [rows, cols] of each pooled patch (EdgeML's RNNPool-Face: 8x8); at most the shortest image side
+    _C.STRIDE = 4  # patch stride = the stem's output stride (a power of two; 4 is the ResNet stem's), at most the patch
+    _C.HIDDEN1 = 16  # state size of RNN1, which sweeps every row and every column of a patch
+    _C.HIDDEN2 = 16  # state size of RNN2 (both directions over the row and the column summaries); 4 x HIDDEN2 = MODEL.RESNETS.STEM_OUT_CHANNELS
+    _C.CELL = "fastgrnn"  # the cell of both RNNs: "fastgrnn" (the authors') or "gru"
+    _C.STREAM_ROWS = 1  # inference without gradients pools this many rows of patches at a time into the output (0: all at once)
+
+
 def add_training_safety_config(cfg: CN) -> None:
     """Keys of rfpn's trainer (``ResilientTrainer``) for divergence handling and mixed precision."""
     # with SOLVER.AMP.ENABLED: "" (bf16 on the CPU, fp16 with a gradient scaler on CUDA), "bf16" or "fp16";
@@ -143,6 +155,7 @@ def add_rfpn_config(cfg: CN) -> None:
     add_pathfinder_config(cfg)
     add_diagnostics_config(cfg)
     add_revnet_config(cfg)
+    add_rnnpool_config(cfg)
 
 
 def _require_choice(name: str, value, allowed) -> None:
