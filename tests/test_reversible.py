@@ -248,3 +248,17 @@ def test_drift_report_measures_float_drift_and_gradient_agreement():
     cos = {(c["coupling"], c["gamma"], c["exact"]): c["cosine"] for c in report["gradient_cosine"]}
     assert cos[("momentum", 0.9, False)] > 0.9999 and cos[("additive", None, False)] > 0.9999
     assert cos[("momentum", 0.2, True)] > 0.9999, "exact mode keeps the gradient where float mode drifts"
+
+
+def test_exact_momentum_keeps_one_byte_per_element_per_step_and_counts_it():
+    torch.manual_seed(0)
+    dyn = RecurrentDynamics(HGRUCell(4, 3, norm="gn"), steps=5, grad="reversible", reversible_exact=True).train()
+    x = torch.rand(2, 4, 6, 6)
+    held = {}
+    for steps in (5, 25):
+        dyn.steps = steps
+        with saved_tensor_bytes() as counter:
+            h, _ = dyn(x)
+            h.mean().backward()
+        held[steps] = counter.peak_bytes
+    assert held[25] - held[5] == 20 * x.numel(), "the dropped bits: one uint8 per state element per step"

@@ -202,34 +202,36 @@ class ReversibleChain(torch.autograd.Function):
                 b0: torch.Tensor, *params: torch.Tensor):
         xd = None if x is None else x.detach()
         tape: list[torch.Tensor] = []
+        fixed: list[torch.Tensor] = []
         with torch.no_grad():
             if exact:
                 a, b = _to_fixed(a0), _to_fixed(b0)
                 for block in blocks:
                     a, b = block.step_exact(xd, a, b, a0.dtype, tape)
                 a_out, b_out = _from_fixed(a, a0.dtype), _from_fixed(b, b0.dtype)
-                ctx.fixed = (a, b)
+                fixed = [a, b]
             else:
                 a_out, b_out = a0.detach(), b0.detach()
                 for block in blocks:
                     a_out, b_out = block.step(xd, a_out, b_out)
-        ctx.blocks, ctx.exact, ctx.tape, ctx.params = list(blocks), exact, tape, params
-        ctx.has_x = x is not None
-        ctx.save_for_backward(*([x] if x is not None else []), a_out, b_out)
+        ctx.blocks, ctx.exact, ctx.params = list(blocks), exact, params
+        ctx.has_x, ctx.tape_length = x is not None, len(tape)
+        # exact mode's integer state and dropped bits go through save_for_backward too, so memory counts see them
+        ctx.save_for_backward(*([x] if x is not None else []), *fixed, *tape, a_out, b_out)
         return a_out, b_out
 
     @staticmethod
     def backward(ctx: Any, grad_a: torch.Tensor | None, grad_b: torch.Tensor | None):
-        saved = ctx.saved_tensors
-        x = saved[0] if ctx.has_x else None
+        saved = list(ctx.saved_tensors)
+        x = saved.pop(0) if ctx.has_x else None
         a, b = saved[-2], saved[-1]
-        state = ctx.fixed if ctx.exact else (a, b)
+        state = (saved[0], saved[1]) if ctx.exact else (a, b)
+        tape = saved[2 : 2 + ctx.tape_length] if ctx.exact else []
         grad_a = torch.zeros_like(a) if grad_a is None else grad_a
         grad_b = torch.zeros_like(b) if grad_b is None else grad_b
         grad_x = None if x is None else torch.zeros_like(x)
         index = {id(p): i for i, p in enumerate(ctx.params)}
         grad_params: list[torch.Tensor | None] = [None] * len(ctx.params)
-        tape = list(ctx.tape)
         owners = nn.ModuleList(dict.fromkeys(ctx.blocks))
         with running_stats_frozen(owners):
             for block in reversed(ctx.blocks):
