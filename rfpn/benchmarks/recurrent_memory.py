@@ -321,7 +321,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import LogFormatter, NullFormatter, StrMethodFormatter
 
     panels = (
-        ("saved_mib", "saved for backward (MiB)"),
+        ("peak_saved_mib", "held for backward at once (MiB)"),
         ("peak_rss_delta_mib", "peak RSS increase, fresh process (MiB)"),
         ("time_ms", "wall time per training step (ms)"),
     )
@@ -335,7 +335,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
                 )
                 label = method if precision == "fp32" else f"{method} ({precision})"
                 if pts:
-                    ax.plot([p["steps"] for p in pts], [max(p[key], 1e-3) for p in pts], marker="o", label=label,
+                    values = [p.get(key, p.get("saved_mib", 0.0)) for p in pts]  # older results lack peak_saved_mib
+                    ax.plot([p["steps"] for p in pts], [max(v, 1e-3) for v in values], marker="o", label=label,
                             linestyle="-" if precision == "fp32" else "--")
         ax.set_xscale("log")
         ax.set_xticks(sorted({p["steps"] for p in report["points"]}))
