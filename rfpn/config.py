@@ -158,6 +158,20 @@ def add_rfpn_config(cfg: CN) -> None:
     add_rnnpool_config(cfg)
 
 
+def check_keys(prefix: str, node: CN, checks: dict[str, tuple[bool, str]]) -> None:
+    """Raise ``ValueError`` for the first ``KEY: (ok, allowed values)`` of ``checks`` that is not ok.
+
+    ``KEY`` may be dotted (relative to ``node``); the error names ``prefix.KEY`` (``KEY`` for an empty prefix).
+    """
+    for key, (ok, allowed) in checks.items():
+        if not ok:
+            value = node
+            for part in key.split("."):
+                value = getattr(value, part)
+            name = f"{prefix}.{key}" if prefix else key
+            raise ValueError(f"{name}={value!r} is not valid; allowed values: {allowed}.")
+
+
 def _require_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not valid; allowed values: {', '.join(map(str, allowed))}.")
@@ -256,9 +270,7 @@ def validate_recurrent_config(cfg: CN) -> None:
     }
     if rc.COUPLING == "additive" and rc.GRAD.endswith("reversible") and rc.CHANNELS % 2:
         checks["CHANNELS"] = (False, "an even integer with COUPLING 'additive', which splits the channels in halves")
-    for key, (ok, allowed) in checks.items():
-        if not ok:
-            raise ValueError(f"MODEL.RECURRENT.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")
+    check_keys("MODEL.RECURRENT", rc, checks)
     recurrent_settings(cfg)
 
 
@@ -277,12 +289,7 @@ def validate_pathfinder_config(cfg: CN) -> None:
         "MODEL.PATHFINDER.FG_PRIOR": (0 < pf.FG_PRIOR < 1, "a number in (0, 1)"),
         "TEST.IMS_PER_BATCH": (cfg.TEST.IMS_PER_BATCH >= 1, "an integer >= 1"),
     }
-    for key, (ok, allowed) in checks.items():
-        if not ok:
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            raise ValueError(f"{key}={value!r} is not valid; allowed values: {allowed}.")
+    check_keys("", cfg, checks)
 
 
 def validate_rfpn_mask_head_config(cfg: CN) -> None:
@@ -307,6 +314,4 @@ def validate_diagnostics_config(cfg: CN) -> None:
         "POWER_ITERS": (d.POWER_ITERS >= 1, "an integer >= 1"),
         "MAX_SAMPLES": (d.MAX_SAMPLES >= 0, "0 (whole batch) or an integer >= 1"),
     }
-    for key, (ok, allowed) in checks.items():
-        if not ok:
-            raise ValueError(f"DIAGNOSTICS.{key}={getattr(d, key)!r} is not valid; allowed values: {allowed}.")
+    check_keys("DIAGNOSTICS", d, checks)

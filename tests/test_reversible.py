@@ -16,6 +16,7 @@ from rfpn.recurrent import (
 from rfpn.recurrent.reversible import reconstruction_error
 
 from test_recurrent_gradients import tiny_hgru
+from toy_cells import saved_bytes_per_steps
 
 GAMMA = 0.8
 
@@ -53,14 +54,7 @@ def test_reversible_memory_does_not_grow_with_steps_and_the_lcp_variant_trains()
 
     dyn = RecurrentDynamics(HGRUCell(4, 3, norm="gn"), steps=5, grad="reversible").train()
     x = torch.rand(2, 4, 6, 6)
-    saved = []
-    for steps in (5, 80):
-        dyn.steps = steps
-        with saved_tensor_bytes() as counter:
-            h, aux = dyn(x)
-            h.mean().backward()
-        saved.append(counter.peak_bytes)
-        assert aux["steps"] == steps
+    saved = saved_bytes_per_steps(dyn, x, (5, 80))
     assert saved[0] == saved[1] > 0
     bptt = RecurrentDynamics(StateMomentumCell(HGRUCell(4, 3, norm="gn"), GAMMA, 1 - GAMMA), steps=80, grad="bptt").train()
     with saved_tensor_bytes() as counter:
@@ -131,14 +125,7 @@ def test_exact_mode_gradient_matches_bptt_of_the_rounded_dynamics():
 def test_additive_memory_does_not_grow_with_steps():
     torch.manual_seed(0)
     dyn = RecurrentDynamics(_half_cells("hgru-gn"), steps=5, grad="reversible", coupling="additive").train()
-    x = torch.rand(2, 4, 6, 6)
-    saved = []
-    for steps in (5, 80):
-        dyn.steps = steps
-        with saved_tensor_bytes() as counter:
-            h, _ = dyn(x)
-            h.mean().backward()
-        saved.append(counter.peak_bytes)
+    saved = saved_bytes_per_steps(dyn, torch.rand(2, 4, 6, 6), (5, 80))
     assert saved[0] == saved[1] > 0
 
 
@@ -254,11 +241,5 @@ def test_exact_momentum_keeps_one_byte_per_element_per_step_and_counts_it():
     torch.manual_seed(0)
     dyn = RecurrentDynamics(HGRUCell(4, 3, norm="gn"), steps=5, grad="reversible", reversible_exact=True).train()
     x = torch.rand(2, 4, 6, 6)
-    held = {}
-    for steps in (5, 25):
-        dyn.steps = steps
-        with saved_tensor_bytes() as counter:
-            h, _ = dyn(x)
-            h.mean().backward()
-        held[steps] = counter.peak_bytes
-    assert held[25] - held[5] == 20 * x.numel(), "the dropped bits: one uint8 per state element per step"
+    held5, held25 = saved_bytes_per_steps(dyn, x, (5, 25))
+    assert held25 - held5 == 20 * x.numel(), "the dropped bits: one uint8 per state element per step"

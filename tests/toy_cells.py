@@ -26,3 +26,21 @@ class GainCell(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         a = self.a.view(1, -1, *([1] * (h.dim() - 2))) if self.a.dim() else self.a
         return a * h + x
+
+
+def saved_bytes_per_steps(dynamics: nn.Module, x: torch.Tensor, steps: tuple[int, ...], held: bool = True) -> list[int]:
+    """Bytes autograd keeps for one training pass (loss: mean readout + penalty) at each step count.
+
+    ``held``: the most held at once (backward's recomputations included); else the forward's total.
+    """
+    from rfpn.recurrent import saved_tensor_bytes
+
+    saved = []
+    for n in steps:
+        dynamics.steps = n
+        with saved_tensor_bytes() as counter:
+            h, aux = dynamics(x)
+            (h.mean() + aux["penalty"]).backward()
+        assert aux["steps"] == n
+        saved.append(counter.peak_bytes if held else counter.forward_bytes)
+    return saved

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from rfpn.analysis.figures import plot_backbone_memory
 from rfpn.benchmarks.backbone_memory import BACKBONES, compare, format_table, measure_in_subprocess
 from rfpn.utils import run_cli
-from rfpn.utils.files import copy_to_docs, write_json_atomic
+from rfpn.utils.files import report_written, write_json_atomic
 
 
 
@@ -40,10 +40,7 @@ def main(argv: list[str]) -> None:
                                        "backbones": rows, "ratios": ratios})
     plot_backbone_memory(str(png_path), rows)
     print(format_table(rows, ratios))
-    if args.copy_to_docs:
-        copy_to_docs(json_path)
-        copy_to_docs(png_path)
-    print(f"Wrote {json_path} and {png_path}")
+    report_written(json_path, png_path, to_docs=args.copy_to_docs)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from rfpn.analysis.figures import plot_reconstruction_drift
 from rfpn.analysis.reversible_drift import DriftSettings, drift_report
 from rfpn.utils import run_cli
-from rfpn.utils.files import copy_to_docs, write_json_atomic
+from rfpn.utils.files import report_written, write_json_atomic
 
 
 
@@ -44,10 +44,7 @@ def main(argv: list[str]) -> None:
               f"1 - cosine with BPTT: {c['one_minus_cosine']:.2e}")
     for label, curve in report["reconstruction_error"].items():
         print(f"{label:22s} error after {len(curve)} inversions: {curve[-1]:.3g}")
-    if args.copy_to_docs:
-        copy_to_docs(json_path)
-        copy_to_docs(png_path)
-    print(f"Wrote {json_path} and {png_path}")
+    report_written(json_path, png_path, to_docs=args.copy_to_docs)
 
 
 if __name__ == "__main__":

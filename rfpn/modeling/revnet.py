@@ -27,10 +27,13 @@ from torch.nn import functional as F
 from detectron2.config import CfgNode
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.backbone.resnet import BasicStem
 
+from rfpn.config import check_keys
 from rfpn.recurrent.reversible import AdditiveCoupling, recomputed, reversible_chain
+
+from .fpn import fpn_over
 
 __all__ = ["CoupledUnit", "RevNet", "build_revnet_backbone", "build_revnet_fpn_backbone"]
 
@@ -163,9 +166,7 @@ def validate_revnet_config(cfg: CfgNode) -> None:
         "UNITS": (len(rc.UNITS) == 4 and all(isinstance(n, int) and n >= 1 for n in rc.UNITS), "4 integers >= 1"),
         "STEM_OUT_CHANNELS": (rc.STEM_OUT_CHANNELS > 0 and rc.STEM_OUT_CHANNELS % 2 == 0, "an even integer > 0"),
     }
-    for key, (ok, allowed) in checks.items():
-        if not ok:
-            raise ValueError(f"MODEL.REVNET.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")
+    check_keys("MODEL.REVNET", rc, checks)
 
 
 @BACKBONE_REGISTRY.register()
@@ -180,11 +181,4 @@ def build_revnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> RevNet:
 @BACKBONE_REGISTRY.register()
 def build_revnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """``MODEL.BACKBONE.NAME: build_revnet_fpn_backbone``: FPN over the RevNet, as ``build_resnet_fpn_backbone``."""
-    return FPN(
-        bottom_up=build_revnet_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_over(build_revnet_backbone(cfg, input_shape), cfg)

@@ -15,10 +15,13 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 
+from rfpn.config import check_keys
 from rfpn.layers import CELLS, RNNPool
+
+from .fpn import fpn_over
 
 __all__ = ["RNNPoolStem", "build_rnnpool_resnet_backbone", "build_rnnpool_resnet_fpn_backbone", "validate_rnnpool_config"]
 
@@ -61,9 +64,7 @@ def validate_rnnpool_config(cfg: CfgNode) -> None:
         "CELL": (rc.CELL in CELLS, ", ".join(CELLS)),
         "STREAM_ROWS": (isinstance(rc.STREAM_ROWS, int) and rc.STREAM_ROWS >= 0, "an integer >= 0 (0: never stream)"),
     }
-    for key, (ok, allowed) in checks.items():
-        if not ok:
-            raise ValueError(f"MODEL.RNNPOOL.{key}={getattr(rc, key)!r} is not valid; allowed values: {allowed}.")
+    check_keys("MODEL.RNNPOOL", rc, checks)
 
 
 @BACKBONE_REGISTRY.register()
@@ -84,11 +85,4 @@ def build_rnnpool_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNe
 @BACKBONE_REGISTRY.register()
 def build_rnnpool_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """``MODEL.BACKBONE.NAME: build_rnnpool_resnet_fpn_backbone``: FPN over it, as ``build_resnet_fpn_backbone``."""
-    return FPN(
-        bottom_up=build_rnnpool_resnet_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_over(build_rnnpool_resnet_backbone(cfg, input_shape), cfg)

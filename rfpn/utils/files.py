@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["RESULTS_DIR", "FIGURES_DIR", "atomic_write", "copy_to_docs", "write_json_atomic"]
+__all__ = ["RESULTS_DIR", "FIGURES_DIR", "atomic_write", "copy_to_docs", "report_written", "write_json_atomic"]
 
 _REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = _REPO / "benchmarks" / "results"  # JSON results the docs quote
@@ -58,3 +58,11 @@ def copy_to_docs(path: str | os.PathLike, name: str | None = None) -> Path:
     target = folder / (name or path.name)
     shutil.copyfile(path, target)
     return target
+
+
+def report_written(*paths: str | os.PathLike, to_docs: bool = False) -> None:
+    """Print where a tool wrote its results; with ``to_docs``, also copy them (:func:`copy_to_docs`)."""
+    if to_docs:
+        for path in paths:
+            copy_to_docs(path)
+    print("Wrote " + " and ".join(str(p) for p in paths) + (" (copied to the docs)" if to_docs else ""))
