@@ -47,9 +47,12 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bptt-momentum": ("bptt", "momentum", {}),  # BPTT through the momentum-coupled hGRU that reversible inverts
     "bptt-additive": ("bptt", "additive", {}),
 }
-# reversible variants and the BPTT through the same coupled dynamics their time is compared with
-COUPLED_BPTT = {"reversible": "bptt-momentum", "reversible-exact": "bptt-momentum",
-                "reversible-additive": "bptt-additive", "reversible-additive-exact": "bptt-additive"}
+# every reversible method and the BPTT through the same coupled dynamics its time is compared with
+COUPLED_BPTT = {
+    name: f"bptt-{coupling}"
+    for name, (grad, coupling, _) in {"reversible": ("reversible", "momentum", {}), **VARIANTS}.items()
+    if grad == "reversible"
+}
 METHODS = tuple(GRADS) + tuple(VARIANTS)
 PRECISIONS = ("fp32", "bf16")
 MIB = 1024.0 * 1024.0

@@ -159,8 +159,8 @@ class MomentumCoupling(Coupling):
         if not 0.0 < mu < 1.0:
             raise ValueError(f"gamma={mu!r} is not valid; allowed values: a number in (0, 1).")
         self.cell = cell
-        self.numerator = max(1, round(mu * GAMMA_DENOMINATOR))
-        self.mu = exact_gamma(mu) if exact else float(mu)
+        self.numerator = round(exact_gamma(mu) * GAMMA_DENOMINATOR)  # exact mode's mu, as k / 256
+        self.mu = self.numerator / GAMMA_DENOMINATOR if exact else float(mu)
         self.s = 1.0 - self.mu if s is None else float(s)
 
     def _evaluate(self, x, h):
