@@ -85,7 +85,7 @@ class StateMomentumCell(nn.Module):
 
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         h, v = self.split(state)
-        h_new, v_new = momentum_step(h, v, self.cell(x, h), self.mu, self.s)
+        h_new, v_new = momentum_step(h, v, self.cell(x, h).to(h.dtype), self.mu, self.s)
         return torch.cat([h_new, v_new], dim=1)
 
 
