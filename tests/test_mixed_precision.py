@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
 from rfpn.config import add_rfpn_config
 from rfpn.engine import amp
 from rfpn.engine.train_loop import NonFiniteGuardTrainer
-from rfpn.recurrent import GRADS, HGRUCell, RecurrentDynamics
+from rfpn.recurrent import GRADS, ConvLSTMCell, HGRUCell, RecurrentDynamics
 
 from test_divergence import TinyRecurrent, _batches
 from test_recurrent_gradients import tiny_hgru
@@ -54,6 +55,27 @@ def test_solver_stops_agree_with_fp32_on_a_contractive_cell(solver):
     assert half["solver_stop"] == full["solver_stop"] == "converged"
     assert abs(half["steps"] - full["steps"]) <= 1
     assert torch.equal(half["converged"], full["converged"])
+
+
+@pytest.mark.parametrize("make_cell", [lambda: HGRUCell(4, 3, norm="gn"), lambda: ConvLSTMCell(4, 3)])
+def test_cells_run_their_gates_in_the_autocast_dtype(make_cell):
+    """No fp32 x bf16 products inside a cell (slow mixed-dtype kernels); the result stays close to fp32."""
+    torch.manual_seed(0)
+    cell = make_cell()
+    x, state = torch.rand(2, 4, 8, 8), cell.init_state(torch.rand(2, 4, 8, 8)) + 0.3
+    seen: set[torch.dtype] = set()
+
+    def record(module, inputs, output):
+        seen.update(t.dtype for t in (*inputs, output) if isinstance(t, torch.Tensor))
+
+    handles = [m.register_forward_hook(record) for m in cell.modules() if isinstance(m, (nn.Conv2d, nn.GroupNorm))]
+    with BF16.autocast():
+        half = cell(x, state)
+    for h in handles:
+        h.remove()
+    full = cell(x, state)
+    assert half.dtype == torch.bfloat16 and seen == {torch.bfloat16}
+    assert float((half.float() - full).norm() / full.norm()) < 2e-2
 
 
 def test_implicit_backward_passes_an_overflowed_gradient_on_without_counting_a_cap_hit():
