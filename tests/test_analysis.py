@@ -25,6 +25,7 @@ from rfpn.analysis import (
 from rfpn.analysis import figures
 from rfpn.recurrent import HGRUCell, RecurrentDynamics
 from rfpn.recurrent.diagnostics import fixed_point_diagnostics, jacobian_spectral_norm
+from test_train_net import CPU_BASE, tiny_pathfinder  # noqa: F401 (fixture)
 from toy_cells import GainCell
 
 torch.set_num_threads(1)
@@ -215,3 +216,28 @@ def test_diagnostics_hook_writes_stability_scalars_every_period():
     cfg.DIAGNOSTICS.POWER_ITERS = 0
     with pytest.raises(ValueError, match="DIAGNOSTICS.POWER_ITERS"):
         build_diagnostics_hook(cfg)
+
+
+def test_test_readout_figure_shows_the_models_own_steps(tiny_pathfinder, tmp_path):  # noqa: F811
+    """The grid's last column is what the model itself predicts after TEST_STEPS fixed steps."""
+    from detectron2.data import DatasetCatalog
+
+    from rfpn.analysis import step_probabilities
+    from rfpn.analysis.readout_figure import draw_test_readouts
+    from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
+    from rfpn.utils.cli import load_config
+    from rfpn.utils.models import build_eval_model
+
+    cfg = load_config(CPU_BASE, ["MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
+                                 "MODEL.RECURRENT.STEPS", "3", "MODEL.RECURRENT.TEST_STEPS", "5",
+                                 "MODEL.RECURRENT.TEST_SOLVER", "fixed", "MODEL.RECURRENT.EPS", "0.0"])
+    torch.manual_seed(0)
+    model = build_eval_model(cfg)
+    sample = PathfinderDatasetMapper(cfg, is_train=False)(DatasetCatalog.get(f"{tiny_pathfinder}_test")[0])
+    probs, states = step_probabilities(model, sample["image"][None].float() / 255.0, 5)
+    with torch.no_grad():
+        own = model([sample])[0]["sem_seg"][1]
+    assert probs.shape[0] == len(states) == 5
+    torch.testing.assert_close(probs[-1, 0], own, atol=1e-5, rtol=1e-4)
+    path = draw_test_readouts(model, cfg, f"{tiny_pathfinder}_test", str(tmp_path / "readouts.png"), count=3)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

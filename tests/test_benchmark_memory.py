@@ -96,3 +96,29 @@ def test_bad_input_is_rejected(bench):
         bench.measure_point(_tiny(bench), "adjoint", 3)
     with pytest.raises(ValueError, match="step count must be >= 1"):
         bench.make_grid(["rbp"], [0, 5], [])
+
+
+def test_precision_summary_pairs_points_and_checks_the_goals(tmp_path):
+    from rfpn.benchmarks import precision_speedup
+
+    def report(kernel, fp32_ms, bf16_ms):
+        point = {"method": "crbp", "steps": 20, "saved_bytes": 100}
+        return {
+            "settings": {"channels": 25, "kernel": kernel, "norm": "bn", "threads": 1},
+            "points": [dict(point, precision="fp32", time_ms=fp32_ms),
+                       dict(point, precision="bf16", time_ms=bf16_ms, saved_bytes=52),
+                       dict(point, steps=5, precision="fp32", time_ms=1.0)],  # no bf16 partner: no row
+        }
+
+    paths = []
+    for kernel, times in ((7, (300.0, 200.0)), (15, (800.0, 200.0))):
+        paths.append(tmp_path / f"k{kernel}.json")
+        paths[-1].write_text(json.dumps(report(kernel, *times)))
+    summary = precision_speedup.summarize(paths, tmp_path / "summary.json")
+    assert [(r["kernel"], r["speedup"], r["saved_bytes_ratio"]) for r in summary["rows"]] == [(7, 1.5, 0.52), (15, 4.0, 0.52)]
+    goals = summary["goals"]
+    assert goals["crbp20_c25_k7_at_least_2x"] is False and goals["crbp20_c25_k15_at_least_3.5x"] is True
+    assert goals["crbp20_c25_k7_saved_bytes_not_above_fp32"] is True
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="--precisions fp32 bf16"):
+        precision_speedup.summarize([tmp_path / "missing.json"], tmp_path / "x.json")

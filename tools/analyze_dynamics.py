@@ -49,6 +49,7 @@ from rfpn.analysis import (
     split_densities,
     stack_states,
     state_distance,
+    step_probabilities,
 )
 from rfpn.analysis import figures
 from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
@@ -112,10 +113,8 @@ def analyze_model(
         batch = images[start : start + batch_size]
         x = torch.stack([d["image"] for d in batch]).float() / 255.0
         labels = torch.stack([d["sem_seg"] for d in batch])
-        with fixed_solver(core, steps=steps), capture_last_step(core.cell) as last:
-            _, aux = model.features(x, return_states=True)
-        states = aux["states"]
-        probs = torch.stack([model.readout(s).softmax(1)[:, 1] for s in states])  # (T, B, H, W)
+        with capture_last_step(core.cell) as last:
+            probs, states = step_probabilities(model, x, steps)  # (T, B, H, W)
         iou.update(probs, labels)
         stacked = stack_states(states)
         distances.append(state_distance(stacked, n, steps))

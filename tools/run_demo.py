@@ -6,8 +6,8 @@
    (iterations, learning-rate drop, checkpoints) into the time budget, so the whole run, evaluation
    included, stays under ``--minutes``.
 3. Trains with rfpn's Detectron2 Trainer (the log shows losses, the fixed-point residual and an ETA),
-   evaluates the pooled contour IoU on the test set, and prints where the checkpoint and the
-   TensorBoard events are.
+   evaluates the pooled contour IoU on the test set, draws a few test images with the readout
+   after selected steps, and prints where the checkpoint, the figure and the TensorBoard events are.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 import rfpn  # noqa: F401  (registers the Pathfinder datasets and model)
+from rfpn.analysis.readout_figure import draw_test_readouts
 from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
@@ -38,9 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default=DEFAULT_CONFIG, help="a CPU-scale Pathfinder config")
     p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for the whole demo")
-    # One thread: this small model runs as fast on one thread as on two here (0.84 vs 0.85 s per
-    # iteration, idle), and two threads slow down up to 8x as soon as anything else uses a core.
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    # Two threads: on an idle 2-core Xeon a training iteration of the demo's model took 0.41 s with
+    # two threads, 0.70 s with one, and 0.39 s as two one-thread processes (--num-gpus 2), which
+    # gains too little to pay for a second process (docs/mixed_precision.md, "Both cores").
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--contour-length", type=int, default=9, help="target contour length of the generated set")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating the data")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
@@ -176,9 +178,11 @@ def main(argv=None) -> dict:
     results = trainer.train()
 
     iou = results.get("pathfinder", {}).get("IoU", float("nan"))
+    figure = draw_test_readouts(trainer.model, cfg, cfg.DATASETS.TEST[0], os.path.join(cfg.OUTPUT_DIR, "test_readouts.png"))
     events = sorted(glob.glob(os.path.join(cfg.OUTPUT_DIR, "events.out.tfevents.*")))
     logger.info(f"Pathfinder contour IoU on {cfg.DATASETS.TEST[0]} ({num_test} images): {iou:.4f}")
     logger.info(f"Checkpoint: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
+    logger.info(f"Figure: {figure} (test images, their labels and the readout after selected steps)")
     logger.info(f"TensorBoard events: {events[-1] if events else cfg.OUTPUT_DIR} (tensorboard --logdir {cfg.OUTPUT_DIR})")
     logger.info(f"Demo finished in {(time.time() - start) / 60:.1f} minutes (budget {args.minutes:.0f}).")
     return results

@@ -16,7 +16,7 @@ from .flood_fill import (
 from .generalization import GeneralizationMatrix
 from .gradient_agreement import GradientAgreement, gradient_agreement, method_gradient
 from .state_space import PCA, KSResult, fit_pca, ks_test, split_densities, stack_states, state_distance
-from .timecourse import StepIoU, fixed_solver, run_steps, select_steps
+from .timecourse import StepIoU, fixed_solver, run_steps, select_steps, step_probabilities
 
 __all__ = [
     "PCA",
@@ -36,6 +36,7 @@ __all__ = [
     "method_gradient",
     "run_steps",
     "select_steps",
+    "step_probabilities",
     "split_densities",
     "stack_states",
     "state_distance",

@@ -60,14 +60,17 @@ def plot_readout_grid(
     timecourses: Mapping[str, np.ndarray],
     steps: Sequence[int],
     n: Mapping[str, int],
-    image: np.ndarray | None = None,
-    label: np.ndarray | None = None,
+    image: np.ndarray | Mapping[str, np.ndarray] | None = None,
+    label: np.ndarray | Mapping[str, np.ndarray] | None = None,
 ) -> str:
-    """Rows: models; columns: the readout (contour probability, (T, H, W) per model) at ``steps``.
+    """Rows: models (or images); columns: the readout (contour probability, (T, H, W) per row) at ``steps``.
 
-    The column of each model's training step N is titled in red; ``image`` and ``label``, if
-    given, fill two leading columns.
+    The column of each row's training step N is titled in red; ``image`` and ``label``, if
+    given, fill two leading columns: one array for every row, or a mapping with one per row.
     """
+    def per_row(arr, name):
+        return arr[name] if isinstance(arr, Mapping) else arr
+
     lead = [a for a in (image, label) if a is not None]
     cols = len(lead) + len(steps)
     rows = len(timecourses)
@@ -77,7 +80,7 @@ def plot_readout_grid(
         if max(steps) > len(probs):
             raise ValueError(f"{name}: {len(probs)} steps recorded, the grid asks for step {max(steps)}.")
         for c, (arr, title) in enumerate(zip(lead, ("image", "label"))):
-            axes[r, c].imshow(arr, cmap="gray")
+            axes[r, c].imshow(per_row(arr, name), cmap="gray")
             axes[r, c].set_title(title, fontsize=8)
         for c, t in enumerate(steps, start=len(lead)):
             axes[r, c].imshow(probs[t - 1], cmap="magma", vmin=0, vmax=1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["StepIoU", "fixed_solver", "run_steps", "select_steps"]
+__all__ = ["StepIoU", "fixed_solver", "run_steps", "select_steps", "step_probabilities"]
 
 
 @contextmanager
@@ -51,6 +51,19 @@ def run_steps(dynamics: nn.Module, drive: torch.Tensor, steps: int) -> tuple[tor
     if len(states) != steps:
         raise RuntimeError(f"The dynamics recorded {len(states)} states for {steps} steps.")
     return out, states
+
+
+@torch.no_grad()
+def step_probabilities(model: nn.Module, images: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Contour probability after every step, (T, B, H, W), and the T states, of a Pathfinder segmentor.
+
+    ``images`` are (B, 1, H, W) in [0, 1]; the core runs exactly ``steps`` fixed steps, whatever
+    solver it trained with.
+    """
+    with fixed_solver(model.core, steps=steps):
+        _, aux = model.features(images, return_states=True)
+    states = aux["states"]
+    return torch.stack([model.readout(s).softmax(1)[:, 1] for s in states]), states
 
 
 class StepIoU:
