@@ -11,13 +11,10 @@ import sys
 import dataclasses
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from rfpn.data.pathfinder_generator import PRESETS, render_sample, sample_rng  # noqa: E402
+from rfpn.analysis.figures import agg_figure
+from rfpn.data.pathfinder_generator import PRESETS, render_sample, sample_rng
 from rfpn.utils import run_cli
 
 ROWS = [("paper", 9), ("paper", 14), ("paper", 25), ("cpu", 6), ("cpu", 9), ("cpu", 14)]
@@ -37,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", default="docs/figures/pathfinder_examples.png")
     args = p.parse_args(argv)
 
-    fig, axes = plt.subplots(len(ROWS), 2 * args.examples, figsize=(2 * args.examples * 1.3, len(ROWS) * 1.4))
+    fig = agg_figure(figsize=(2 * args.examples * 1.3, len(ROWS) * 1.4))
+    axes = fig.subplots(len(ROWS), 2 * args.examples)
     for r, (preset, length) in enumerate(ROWS):
         settings = dataclasses.replace(PRESETS[preset], contour_length=length)
         for k in range(args.examples):

@@ -19,6 +19,7 @@ from .generalization import GeneralizationMatrix
 from .state_space import KSResult
 
 __all__ = [
+    "agg_figure",
     "plot_distances",
     "plot_flood_fill",
     "plot_generalization",
@@ -41,6 +42,13 @@ def _style_iou_axis(ax, xlabel: str) -> None:
     ax.set_ylim(0, 1)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
+
+
+def agg_figure(**kwargs) -> Figure:
+    """A ``Figure`` on its own Agg canvas: no pyplot state, no display (``kwargs`` go to ``Figure``)."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig: Figure, path: str, dpi: int = 100) -> str:

@@ -281,14 +281,12 @@ def format_layer_table(report: PeakRamReport, top: int | None = None) -> str:
 
 def plot_peak_ram(reports: dict[str, PeakRamReport], path: str | Path, columns: int = 3) -> None:
     """Memory over the operator sequence (all three counts), one panel per report, its peaks and peak layer named."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import agg_figure
 
     columns = min(columns, len(reports))
     rows = -(-len(reports) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
+    fig = agg_figure(figsize=(5.2 * columns, 3.8 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax, (label, report) in zip(axes.flat, reports.items()):
         x = range(len(report.ops))
         ax.plot(x, [b / MIB for b in report.held], color="tab:gray", lw=1, label="held (eager)")
@@ -313,7 +311,6 @@ def plot_peak_ram(reports: dict[str, PeakRamReport], path: str | Path, columns: 
     axes.flat[0].legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _status_bytes(key: str) -> int:

@@ -59,14 +59,12 @@ def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot_speedups(rows: list[dict[str, Any]], path) -> None:
     """Grouped bars: bf16 speed-up per step count, one group per (channels, kernel)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from rfpn.analysis.figures import agg_figure
 
     configs = sorted({(r["channels"], r["kernel"]) for r in rows}, key=lambda c: (c[1], c[0]))
     steps = sorted({r["steps"] for r in rows})
     width = 0.8 / max(len(steps), 1)
-    fig = Figure(figsize=(8, 4.2))
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(8, 4.2))
     ax = fig.subplots()
     for i, n in enumerate(steps):
         values = [

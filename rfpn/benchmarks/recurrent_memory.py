@@ -317,10 +317,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import LogFormatter, NullFormatter, StrMethodFormatter
 
     panels = (
@@ -328,7 +324,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ("peak_rss_delta_mib", "peak RSS increase, fresh process (MiB)"),
         ("time_ms", "wall time per training step (ms)"),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    from rfpn.analysis.figures import agg_figure
+
+    fig = agg_figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     for ax, (key, title) in zip(axes, panels):
         for method in METHODS:
             for precision in PRECISIONS:
@@ -359,7 +358,6 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def run_benchmark(
