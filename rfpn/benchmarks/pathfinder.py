@@ -42,6 +42,7 @@ from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
 from rfpn.utils.cli import load_config
 from rfpn.utils.files import copy_to_docs, write_json_atomic
+from rfpn.engine.amp import resolve_precision
 from rfpn.utils.jobs import ChildJob, run_child_jobs
 from rfpn.utils.models import build_eval_model
 
@@ -58,6 +59,7 @@ METHODS = {
     "C-JFB": "pfcpu9_hgru_cjfb.yaml",
     "C-Phantom": "pfcpu9_hgru_cphantom.yaml",
     "C-RBP auto": "pfcpu9_hgru_crbp_auto.yaml",
+    "C-RBP bf16": "pfcpu9_hgru_crbp_bf16.yaml",
     "Reversible": "pfcpu9_hgru_reversible.yaml",
     "Reversible additive": "pfcpu9_hgru_reversible_additive.yaml",
 }
@@ -110,10 +112,10 @@ def method_cfg(config_file: str, train_set: str, test_set: str, iters: int, outp
 
 
 def training_bytes(cfg: CfgNode) -> int:
-    """Bytes saved for backward by one training iteration (forward + loss) of a fresh model."""
+    """Bytes saved for backward by one training iteration (forward + loss) of a fresh model, in its precision."""
     model = Trainer.build_model(cfg)
     batch = next(iter(Trainer.build_train_loader(cfg)))
-    with saved_tensor_bytes() as counter:
+    with saved_tensor_bytes() as counter, resolve_precision(cfg).autocast():
         loss = sum(model(batch).values())
     loss.backward()
     return counter.forward_bytes
@@ -167,6 +169,7 @@ def run_method(name: str, args, out_root: str) -> dict:
         "mean_steps": trainer.storage.history(steps_key).avg(max(1, args.iters // 5)) if steps_key else None,
         "iters": args.iters,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
+        "precision": resolve_precision(cfg).name,
         "saved_bytes": memory,
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(out, "model_final.pth"),
