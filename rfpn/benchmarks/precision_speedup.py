@@ -81,7 +81,8 @@ def plot_speedups(rows: list[dict[str, Any]], path) -> None:
     ax.set_xticks(range(len(configs)), [f"{c} ch, {k}x{k}" for c, k in configs])
     ax.set_ylabel("fp32 time / bf16 time, one training step")
     methods = ", ".join(sorted({r["method"] for r in rows}))
-    ax.set_title(f"bf16 autocast speed-up on this CPU ({methods}; dashed: goal at 20 steps)")
+    machines = ", ".join(sorted({r["machine"] for r in rows if r["machine"]})) or "this CPU"
+    ax.set_title(f"bf16 autocast speed-up, {methods}, {machines} (dashed: goal at 20 steps)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90, format="png")
