@@ -158,3 +158,14 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="rfpn.engine.amp"):
         amp.resolve_precision(_amp_cfg())
     assert not caplog.records
+
+
+def test_a_tolerance_below_bf16_resolution_warns_for_residual_stopped_solves(monkeypatch, caplog):
+    monkeypatch.setattr(amp, "native_bf16_cpu", lambda: True)
+    for solver, tol, warns in (("anderson", 1e-3, True), ("anderson", 5e-3, False), ("fixed", 1e-3, False)):
+        cfg = _amp_cfg()
+        cfg.MODEL.RECURRENT.SOLVER, cfg.MODEL.RECURRENT.TOL = solver, tol
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rfpn.engine.amp"):
+            amp.resolve_precision(cfg)
+        assert any("MODEL.RECURRENT.TOL" in r.message for r in caplog.records) == warns, (solver, tol)
