@@ -36,13 +36,13 @@ import rfpn  # noqa: F401  (registers datasets and models)
 from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
+from rfpn.engine.amp import resolve_precision
 from rfpn.analysis.figures import plot_pathfinder_benchmark, plot_penalty_weight_curves
 from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
 from rfpn.utils.cli import load_config
 from rfpn.utils.files import copy_to_docs, write_json_atomic
-from rfpn.engine.amp import resolve_precision
 from rfpn.utils.jobs import ChildJob, run_child_jobs
 from rfpn.utils.models import build_eval_model
 

@@ -117,7 +117,7 @@ def _warn_if_tolerance_below_resolution(cfg: CfgNode, name: str, dtype: torch.dt
     Pathfinder run at TOL 1e-3 used all 40 steps over its last 20% of training, fp32 used 33).
     """
     rc = cfg.MODEL.get("RECURRENT")
-    if rc is None or "iterate" not in (rc.SOLVER, rc.TEST_SOLVER) and "anderson" not in (rc.SOLVER, rc.TEST_SOLVER):
+    if rc is None or all(solver in ("", "fixed") for solver in (rc.SOLVER, rc.TEST_SOLVER)):
         return
     resolution = torch.finfo(dtype).eps / 2  # unit roundoff: bf16 2^-8, fp16 2^-11
     if rc.TOL < resolution:
