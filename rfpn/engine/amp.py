@@ -105,24 +105,23 @@ def resolve_precision(cfg: CfgNode) -> Precision:
             f"{torch.backends.cpu.get_cpu_capability()}), so bf16 is emulated and much slower than fp32 here (an hGRU "
             "step measured 70x slower on an AVX2-only AMD EPYC). Set SOLVER.AMP.ENABLED False on this machine."
         )
-    _warn_if_tolerance_below_resolution(cfg, name, dtype)
+    _report_tolerance_floor(cfg, name, dtype)
     return Precision(device_type, dtype)
 
 
-def _warn_if_tolerance_below_resolution(cfg: CfgNode, name: str, dtype: torch.dtype) -> None:
-    """Warn when a residual-stopped solve asks for a relative residual the reduced precision cannot resolve.
+def _report_tolerance_floor(cfg: CfgNode, name: str, dtype: torch.dtype) -> None:
+    """Say when a residual-stopped solve's ``MODEL.RECURRENT.TOL`` is raised to the reduced precision's roundoff.
 
-    The cells compute in ``dtype``, so ``F(h)`` is only known to about its epsilon (bf16: 2^-8); a
-    tolerance below that is rarely met and the solve runs to MAX_STEPS (measured: a bf16 C-RBP
-    Pathfinder run at TOL 1e-3 used all 40 steps over its last 20% of training, fp32 used 33).
+    The cells compute in ``dtype``, so the relative residual cannot fall much below its unit
+    roundoff; :func:`rfpn.recurrent.attainable_tolerance` stops such solves there instead of letting
+    them run to MAX_STEPS on rounding noise.
     """
     rc = cfg.MODEL.get("RECURRENT")
     if rc is None or all(solver in ("", "fixed") for solver in (rc.SOLVER, rc.TEST_SOLVER)):
         return
-    resolution = torch.finfo(dtype).eps / 2  # unit roundoff: bf16 2^-8, fp16 2^-11
-    if rc.TOL < resolution:
-        logger.warning(
-            f"MODEL.RECURRENT.TOL={rc.TOL:g} is below {name}'s resolution ({resolution:.2g}): the cells compute in "
-            f"{name}, so a residual-stopped solve rarely reaches it and runs to MODEL.RECURRENT.MAX_STEPS. Set "
-            f"MODEL.RECURRENT.TOL >= {resolution:.2g} for mixed precision, or SOLVER.AMP.ENABLED False."
+    roundoff = torch.finfo(dtype).eps / 2
+    if 0 < rc.TOL < roundoff:
+        logger.info(
+            f"MODEL.RECURRENT.TOL={rc.TOL:g} is below {name}'s unit roundoff: under {name} the residual-stopped solves "
+            f"stop at a relative residual of {roundoff:.2g}, the smallest the reduced-precision cells resolve."
         )
