@@ -54,7 +54,7 @@ from rfpn.analysis import (
 from rfpn.analysis import figures
 from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
 from rfpn.recurrent.diagnostics import capture_last_step, jacobian_spectral_norm
-from rfpn.utils.cli import UsageError
+from rfpn.utils.cli import UsageError, tool_parser
 from rfpn.utils.models import load_eval_model
 from rfpn.utils import run_cli
 
@@ -62,9 +62,8 @@ logger = logging.getLogger("rfpn.analyze_dynamics")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs=3, action="append", required=True, metavar=("NAME", "CONFIG", "WEIGHTS"),
-                   help="a model to analyse (repeat for several; KS tests compare every pair)")
+    p = tool_parser(__doc__, models=True, threads=2, output_dir="output/analysis", opts=True,
+                    helps={"model": "a model to analyse (repeat for several; KS tests compare every pair)"})
     p.add_argument("--steps", type=int, default=40, help="T: steps to run (default 40)")
     p.add_argument("--n", type=int, default=0, help="N: the step to compare with T (default: each config's MODEL.RECURRENT.STEPS)")
     p.add_argument("--dataset", default="", help="test dataset (default: each config's first DATASETS.TEST)")
@@ -73,9 +72,6 @@ def build_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-images", type=int, default=2, help="images shown in the readout grid")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--power-iters", type=int, default=20, help="power iterations for the Jacobian spectral norm (0: skip)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output-dir", default="output/analysis")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides applied to every model")
     return p
 
 

@@ -21,7 +21,6 @@ first objects under ``--output-dir``. Usage::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ import rfpn  # noqa: F401  (registers rfpn's models and datasets)
 from rfpn.analysis import compare_fill_order, flood_fill_steps, select_steps, voronoi_tessellation
 from rfpn.analysis.figures import plot_flood_fill
 from rfpn.data import register_synthetic_panoptic
-from rfpn.utils.cli import load_config, run_cli
+from rfpn.utils.cli import load_config, run_cli, tool_parser
 from rfpn.utils.models import build_eval_model
 
 logger = logging.getLogger("rfpn.analyze_flood_fill")
@@ -77,7 +76,7 @@ def object_timecourses(model, cfg: CfgNode, dataset_dict: dict, mapper: DatasetM
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(__doc__, threads=2, output_dir="output/flood_fill", opts=True)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--dataset", default="", help="panoptic dataset with instance masks (default: DATASETS.TEST[0])")
     p.add_argument("--synthetic", nargs=2, metavar=("NAME", "ROOT"),
@@ -87,9 +86,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-cells", type=int, default=12, help="Voronoi cells per object mask")
     p.add_argument("--min-pixels", type=int, default=40, help="skip objects with fewer mask pixels at head resolution")
     p.add_argument("--figures", type=int, default=3, help="objects to draw")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output-dir", default="output/flood_fill")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     setup_logger(name="rfpn")
     torch.set_num_threads(args.threads)

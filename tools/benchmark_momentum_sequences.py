@@ -10,7 +10,6 @@ and iterations, and reports the final metric and the iterations to the task's th
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,6 +22,7 @@ import torch
 from rfpn.analysis.figures import plot_learning_curves
 from rfpn.sequences import TASKS, VARIANTS, make_task, train_run
 from rfpn.utils import run_cli
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 
 ITERS = {"digits": 1500, "permuted_digits": 1500, "adding": 2000}
@@ -46,16 +46,13 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(__doc__, threads=1, output_dir=os.path.join("output", "momentum_sequences"), copy_to_docs=True)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=0, help="iterations per run (0: 1500 digits, 2000 adding)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--length", type=int, default=200, help="steps of the adding problem")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output-dir", default=os.path.join("output", "momentum_sequences"))
-    p.add_argument("--copy-to-docs", action="store_true", help="copy the JSON to benchmarks/results, the PNG to docs/figures")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     run_dir = os.path.join(args.output_dir, "runs")

@@ -8,7 +8,6 @@ Writes ``reversible_drift.json`` and ``reversible_drift.png`` to ``--output-dir`
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -18,25 +17,24 @@ import torch
 from rfpn.analysis.figures import plot_reconstruction_drift
 from rfpn.analysis.reversible_drift import DriftSettings, drift_report
 from rfpn.utils import run_cli
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import report_written, write_json_atomic
 
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__, threads=1, output_dir="output/benchmark_reversible", copy_to_docs=True)
     parser.add_argument("--steps", type=int, default=80, help="steps of the reconstruction curves")
     parser.add_argument("--cosine-steps", nargs="+", type=int, default=[20, 80])
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.8, 0.5])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_reversible"))
-    parser.add_argument("--copy-to-docs", action="store_true", help="copy the JSON to benchmarks/results, the PNG to docs/figures")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
     report = drift_report(DriftSettings(), args.steps, tuple(args.cosine_steps), tuple(args.gammas))
     report["command"] = "python tools/benchmark_reversible.py " + " ".join(argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.output_dir / "reversible_drift.json", args.output_dir / "reversible_drift.png"
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "reversible_drift.json", out / "reversible_drift.png"
     write_json_atomic(str(json_path), report)
     plot_reconstruction_drift(str(png_path), report["reconstruction_error"])
     for c in report["gradient_cosine"]:

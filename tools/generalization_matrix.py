@@ -18,7 +18,6 @@ trained on is read from its first ``DATASETS.TRAIN`` name.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import logging
 import os
@@ -35,6 +34,7 @@ from rfpn.analysis.figures import plot_generalization
 from rfpn.data.pathfinder_generator import default_dataset_name
 from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
 from rfpn.utils import run_cli
+from rfpn.utils.cli import tool_parser
 
 from analyze_dynamics import load_model  # noqa: E402  (tools/ sibling)
 
@@ -71,15 +71,11 @@ def evaluate(model: torch.nn.Module, cfg, dataset: str, num_images: int, batch_s
 
 
 def main(argv: list[str] | None = None) -> GeneralizationMatrix:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs=3, action="append", required=True, metavar=("NAME", "CONFIG", "WEIGHTS"))
+    p = tool_parser(__doc__, models=True, threads=2, output_dir="output/generalization", opts=True)
     p.add_argument("--test-lengths", type=int, nargs="+", default=[9, 12, 14])
     p.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
     p.add_argument("--num-images", type=int, default=200, help="test images per set")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output-dir", default="output/generalization")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides applied to every model")
     args = p.parse_args(argv)
     setup_logger(name="rfpn")
     torch.set_num_threads(args.threads)

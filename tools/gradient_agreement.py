@@ -25,23 +25,21 @@ from rfpn.analysis.figures import plot_gradient_agreement
 from rfpn.data.pathfinder_generator import PRESETS, render_sample
 from rfpn.modeling.pathfinder_segmentor import pixel_loss
 from rfpn.utils import run_cli
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.models import load_eval_model
 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(__doc__, threads=1, output_dir=os.path.join("output", "gradient_agreement"), copy_to_docs=True,
+                    opts=True)
     p.add_argument("--config-file", required=True, help="the model's config (a training run writes config.yaml)")
     p.add_argument("--weights", required=True, help="the model's checkpoint")
     p.add_argument("--methods", nargs="+", default=["bptt", "rbp", "jfb", "phantom"])
     p.add_argument("--batch", type=int, default=8, help="generated stimuli in the batch")
     p.add_argument("--contour-length", type=int, default=9, help="paddles of the generated targets (CPU preset)")
     p.add_argument("--seed", type=int, default=123, help="seed of the stimuli")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output-dir", default=os.path.join("output", "gradient_agreement"))
-    p.add_argument("--copy-to-docs", action="store_true", help="also copy the JSON to benchmarks/results, the PNG to docs/figures")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     return p.parse_args(argv)
 
 

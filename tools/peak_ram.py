@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
 
 import torch
 
 from rfpn.benchmarks.peak_ram import PARTS, report, stems
 from rfpn.utils import run_cli
+from rfpn.utils.cli import add_common_arguments, tool_parser
 
 
 def _point_spec(text: str) -> tuple[str, int, int]:
@@ -37,10 +37,10 @@ def _point_spec(text: str) -> tuple[str, int, int]:
 
 
 def main(argv: list[str]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, default=1, help="intra-op threads (here and in the RSS process)")
+    common = add_common_arguments(argparse.ArgumentParser(add_help=False), threads=1,
+                                  helps={"threads": "intra-op threads (here and in the RSS process)"})
     common.add_argument("--depth", type=int, help="cut module paths to this many parts in the layer table")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("report", parents=[common], help="one config, part and size")
     one.add_argument("config", help="a YAML config (rfpn's are under configs/)")
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     one.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1333])
     one.add_argument("--top", type=int, help="only the layers with the largest liveness peaks")
     one.add_argument("--rss", action="store_true", help="also the peak RSS increase in a fresh process")
-    one.add_argument("--output-dir", type=Path, default=Path("output/peak_ram"))
+    add_common_arguments(one, output_dir="output/peak_ram")
     one.add_argument("--opts", nargs="*", default=[], help="config overrides, KEY VALUE ...")
     one.set_defaults(run=report)
     cmp = commands.add_parser("stems", parents=[common], help="ResNet stem vs RNNPool stem (batched, streaming)")
@@ -56,8 +56,7 @@ def main(argv: list[str]) -> None:
                                                                        ("stem", 800, 1333)],
                      help="PART:HxW, e.g. stem:800x1333 backbone:128x128")
     cmp.add_argument("--no-rss", action="store_true", help="skip the fresh-process RSS measurements")
-    cmp.add_argument("--output-dir", type=Path, default=Path("output/peak_ram_stems"))
-    cmp.add_argument("--copy-to-docs", action="store_true", help="copy the JSON to benchmarks/results, the PNG to docs/figures")
+    add_common_arguments(cmp, output_dir="output/peak_ram_stems", copy_to_docs=True)
     cmp.set_defaults(run=stems)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ from rfpn.analysis.readout_figure import draw_test_readouts
 from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
-from rfpn.utils.cli import load_config, run_cli
+from rfpn.utils.cli import load_config, run_cli, tool_parser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Pathfinder", "cpu", "pfcpu9_hgru_crbp_demo.yaml")
@@ -36,16 +36,14 @@ logger = logging.getLogger("rfpn.demo")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="a CPU-scale Pathfinder config")
-    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for the whole demo")
     # Two threads: on an idle 2-core Xeon a training iteration of the demo's model took 0.41 s with
     # two threads, 0.70 s with one, and 0.39 s as two one-thread processes (--num-gpus 2), which
     # gains too little to pay for a second process (docs/mixed_precision.md, "Both cores").
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p = tool_parser(__doc__, threads=2, opts=True)
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="a CPU-scale Pathfinder config")
+    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for the whole demo")
     p.add_argument("--contour-length", type=int, default=9, help="target contour length of the generated set")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating the data")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return p.parse_args(argv)
 
 

@@ -41,7 +41,7 @@ from rfpn.analysis.figures import plot_pathfinder_benchmark, plot_penalty_weight
 from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
-from rfpn.utils.cli import load_config
+from rfpn.utils.cli import load_config, tool_parser
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
 from rfpn.utils.models import build_eval_model
@@ -70,14 +70,17 @@ logger = logging.getLogger("rfpn.benchmark_pathfinder")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(
+        __doc__, threads=2, output_dir=os.path.join("output", "benchmark_pathfinder"), copy_to_docs=True, opts=True,
+        helps={"threads": "torch threads per training process", "copy_to_docs": "copy the PNG to docs/figures/",
+               "opts": "KEY VALUE config overrides for every method"},
+    )
     p.add_argument("--iters", type=int, default=1500, help="training iterations of every method (equal budget)")
     p.add_argument("--train-set", default="pathfinder_cpu9", help="registered Pathfinder set to train and test on")
     p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu9", "pathfinder_cpu12", "pathfinder_cpu14"],
                    help="sets (longer contours) to test the BPTT and C-RBP models on")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per training process")
     p.add_argument("--jobs", type=int, default=1,
                    help="methods trained at once, each in a child process with --threads // --jobs threads")
     p.add_argument("--rerun", action="store_true", help="retrain methods that already have a row.json")
@@ -85,9 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score the named methods' saved checkpoints again with their current config (test-time "
                         "settings such as TEST_SOLVER / TEST_STEPS), keeping the training measurements")
     p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
-    p.add_argument("--output-dir", default=os.path.join("output", "benchmark_pathfinder"))
-    p.add_argument("--copy-to-docs", action="store_true", help="copy the PNG to docs/figures/")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method")
     return p.parse_args(argv)
 
 

@@ -199,11 +199,12 @@ def report(args: argparse.Namespace) -> None:
         row.update(rss_in_fresh_process(point, args.threads))
     print(format_layer_table(result, top=args.top))
     print(_summary_line(f"{args.part} {args.size[0]}x{args.size[1]}", row))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(str(args.output_dir / "peak_ram.json"), {"command": _command(), "row": row})
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(str(out / "peak_ram.json"), {"command": _command(), "row": row})
     plot_peak_ram({f"{Path(args.config).stem}: {args.part} {args.size[0]}x{args.size[1]}": result},
-                  args.output_dir / "peak_ram.png")
-    print(f"Wrote {args.output_dir / 'peak_ram.json'} and {args.output_dir / 'peak_ram.png'}")
+                  out / "peak_ram.png")
+    print(f"Wrote {out / 'peak_ram.json'} and {out / 'peak_ram.png'}")
 
 
 def stems(args: argparse.Namespace) -> None:
@@ -218,8 +219,9 @@ def stems(args: argparse.Namespace) -> None:
         print(_summary_line(key, row), flush=True)
     goals = check_goals(rows)
     print(json.dumps(goals, indent=1))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.output_dir / "peak_ram.json", args.output_dir / "peak_ram.png"
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "peak_ram.json", out / "peak_ram.png"
     write_json_atomic(str(json_path), {"command": _command(), "torch": torch.__version__, "threads": args.threads,
                                        "rows": rows, "goals": goals})
     plot_peak_ram(reports, png_path)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rfpn.recurrent import GRADS
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import copy_to_docs
 from rfpn.utils.process_memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
@@ -418,7 +419,7 @@ def make_grid(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = BenchmarkSettings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tool_parser(__doc__.split("\n\n")[0], output_dir="output/benchmark_memory", copy_to_docs=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 5, 10, 20, 40, 80])
     parser.add_argument(
@@ -432,10 +433,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--precisions", nargs="+", choices=PRECISIONS,
         help="measure every point in each of these precisions (ratios from one run); overrides --precision",
-    )
-    parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_memory"))
-    parser.add_argument(
-        "--copy-to-docs", action="store_true", help="also copy the JSON to benchmarks/results and the PNG to docs/figures"
     )
     parser.add_argument("--single", action="store_true", help="internal: measure one point, print its JSON")
     parser.add_argument("--method", choices=METHODS, help="with --single: the gradient method")
@@ -453,12 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure_point(settings, args.method, args.point_steps)))
         return
     grid = make_grid(args.methods, args.steps, args.bptt_extra_steps, args.precisions)
-    report = run_benchmark(settings, grid, args.output_dir)
+    out = Path(args.output_dir)
+    report = run_benchmark(settings, grid, out)
     print(format_table(report))
     print(json.dumps(report["goals"], indent=1))
-    print(f"Wrote {args.output_dir / 'memory.json'} and {args.output_dir / 'memory_vs_steps.png'}")
+    print(f"Wrote {out / 'memory.json'} and {out / 'memory_vs_steps.png'}")
     if args.copy_to_docs:
-        for path in (args.output_dir / "memory.json", args.output_dir / "memory_vs_steps.png"):
+        for path in (out / "memory.json", out / "memory_vs_steps.png"):
             print(f"Copied to {copy_to_docs(path)}")
 
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from rfpn.evaluation.pathfinder_evaluation import batched_contour_counts as per_image_counts
 from rfpn.evaluation.pathfinder_evaluation import pooled_iou
 from rfpn.analysis.figures import plot_residual_stopping
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 
 
@@ -44,16 +45,11 @@ logger = logging.getLogger("rfpn.benchmark_residual_stopping")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs=3, action="append", required=True, metavar=("NAME", "CONFIG", "WEIGHTS"),
-                   help="a trained Pathfinder model (repeat for several)")
+    p = tool_parser(__doc__, models=True, threads=2, output_dir="output/residual_stopping", copy_to_docs=True, opts=True,
+                    helps={"model": "a trained Pathfinder model (repeat for several)"})
     p.add_argument("--steps", type=int, default=40, help="T: the late step to compare with (default 40)")
     p.add_argument("--num-images", type=int, default=300, help="test images (the first ones of DATASETS.TEST[0])")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--output-dir", default="output/residual_stopping")
-    p.add_argument("--copy-to-docs", action="store_true", help="also refresh the copies the README shows")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides applied to every model")
     args = p.parse_args(argv)
     if args.steps < 1 or args.num_images < 1 or args.batch_size < 1:
         p.error("--steps, --num-images and --batch-size must be >= 1.")

@@ -47,6 +47,7 @@ from rfpn.engine import Trainer
 from rfpn.analysis.figures import plot_penalty_weight_curves, plot_rfpn_benchmark
 from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
 
@@ -186,7 +187,7 @@ def memory_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_dir(args: argparse.Namespace, key: str, seed: int) -> Path:
-    return args.output_dir / f"{key}_seed{seed}"
+    return Path(args.output_dir) / f"{key}_seed{seed}"
 
 
 def load_run(args: argparse.Namespace, key: str, seed: int) -> dict | None:
@@ -209,7 +210,7 @@ def child_job(args: argparse.Namespace, key: str, seed: int) -> ChildJob:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__, threads=1, output_dir="output/benchmark_rfpn")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--iters", type=int, default=100, help="training iterations per model (equal for all)")
     parser.add_argument("--data-root", type=Path, default=Path("output/benchmark_rfpn/data"))
@@ -219,19 +220,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-steps", type=int, nargs="+", default=[1, 3, 5, 10, 20])
     parser.add_argument("--sweep-rois", type=int, default=32)
     parser.add_argument("--skip-training", action="store_true", help="only the controlled memory sweep")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in a child process with one thread (2 on a 2-core machine)")
     parser.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: train, save row
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (results are averaged)")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=Path("output/benchmark_rfpn"))
     args = parser.parse_args(argv)
 
     setup_logger(name="rfpn")
     setup_logger(name="detectron2")
     torch.set_num_threads(args.threads)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     if args.row_only:
         register_synthetic_panoptic(DATASET_NAME, str(args.data_root))
         for seed in args.seeds:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 train_and_evaluate(key, seed, args)
         return
 
-    out = args.output_dir / "benchmark_rfpn.json"
+    out = output_dir / "benchmark_rfpn.json"
     rows, sweep = load_previous(out, args)
     if not sweep:
         sweep = memory_sweep(args)
@@ -259,12 +259,12 @@ def main(argv: list[str] | None = None) -> None:
                 train_and_evaluate(key, seed, args)
         rows += [load_run(args, key, seed) for key, seed in todo]
     write_json_atomic(str(out), payload(args, rows, sweep))  # every finished run at these iterations
-    plot_rfpn_benchmark(str(args.output_dir / "benchmark_rfpn.png"), summarise(rows), sweep)
+    plot_rfpn_benchmark(str(output_dir / "benchmark_rfpn.png"), summarise(rows), sweep)
     curves = {f"{r['model']}, seed {r['seed']}": r["curves"] for r in rows if r.get("curves")}
     if curves:
-        plot_penalty_weight_curves(str(args.output_dir / "penalty_weight.png"), curves, lam=0.9)
+        plot_penalty_weight_curves(str(output_dir / "penalty_weight.png"), curves, lam=0.9)
     print(format_table(rows, sweep))
-    print(f"Wrote {out} and {args.output_dir / 'benchmark_rfpn.png'}")
+    print(f"Wrote {out} and {output_dir / 'benchmark_rfpn.png'}")
 
 
 def load_previous(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:

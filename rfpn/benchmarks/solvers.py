@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from rfpn.analysis.figures import plot_solver_residuals
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 
 SOLVERS = ("iterate", "anderson", "heavyball")
@@ -37,7 +38,8 @@ logger = logging.getLogger("rfpn.benchmark_solvers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = tool_parser(__doc__.split("\n\n")[0], threads=2, output_dir="output/benchmark_solvers", copy_to_docs=True,
+                         opts=True)
     parser.add_argument("--config-file", default="", help="rfpn Pathfinder config (default: a random-init 16-channel hGRU)")
     parser.add_argument("--weights", default="", help="checkpoint to load (default: random initialisation)")
     parser.add_argument("--preset", default="cpu", choices=("cpu", "paper"), help="Pathfinder image generator preset")
@@ -49,10 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS),
                         help="solvers to compare (heavyball picks its momentum by its rule: the first plain steps' contraction)")
     parser.add_argument("--repeats", type=int, default=3, help="timed solves per (solver, tol); the median is kept")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--output-dir", default="output/benchmark_solvers", help="where to write JSON and PNG")
-    parser.add_argument("--copy-to-docs", action="store_true", help="also refresh the copies the README shows")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.weights and not args.config_file:
         parser.error("--weights needs the --config-file the checkpoint was trained with.")

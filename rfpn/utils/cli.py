@@ -15,20 +15,28 @@ merge configs or look up datasets themselves also get one line (exit code 2) for
 unknown-key errors of Detectron2's config and the unregistered-dataset error of its catalog.
 
 Set ``RFPN_TRACEBACK=1`` to print the full traceback as well.
+
+The flags the tools share (``--model``, ``--threads``, ``--output-dir``, ``--copy-to-docs``, trailing
+config overrides) come from :func:`tool_parser` / :func:`add_common_arguments`, so that every tool
+spells, types and explains them the same way.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 from detectron2.config import CfgNode, get_cfg
 
-__all__ = ["UsageError", "check_bases", "load_config", "check_registered_datasets", "run_cli", "short_message"]
+__all__ = [
+    "UsageError", "add_common_arguments", "check_bases", "load_config", "check_registered_datasets", "run_cli",
+    "short_message", "tool_parser",
+]
 
 
 class UsageError(Exception):
@@ -160,6 +168,54 @@ def check_registered_datasets(cfg: CfgNode, keys: Sequence[str] = ("TRAIN", "TES
                     "datasets/prepare_synthetic_panoptic.py (see datasets/README.md); set $DETECTRON2_DATASETS to "
                     "the root they were written to."
                 )
+
+
+_COMMON_HELP = {
+    "model": "a model: its name, config file and checkpoint (repeat for several)",
+    "threads": "torch intra-op threads",
+    "output_dir": "folder the results are written to",
+    "copy_to_docs": "also copy the JSON to benchmarks/results and the PNG to docs/figures",
+}
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    models: bool = False,
+    threads: int | None = None,
+    output_dir: str | None = None,
+    copy_to_docs: bool = False,
+    opts: bool = False,
+    helps: Mapping[str, str] | None = None,
+) -> argparse.ArgumentParser:
+    """Add the flags rfpn's tools share to ``parser`` (or a sub-parser), only those asked for; return ``parser``.
+
+    ``models``: the required, repeatable ``--model NAME CONFIG WEIGHTS``. ``threads``, ``output_dir``:
+    ``--threads`` (int) and ``--output-dir`` (a ``str`` in every tool) with that default; ``None`` adds no flag.
+    ``copy_to_docs``: ``--copy-to-docs``. ``opts``: the trailing ``KEY VALUE`` config overrides (applied to every
+    model, with ``models``). ``helps`` replaces a flag's help, keyed by its dest, where a tool has more to say.
+    """
+    helps = {**_COMMON_HELP, **(helps or {})}
+    if models:
+        parser.add_argument("--model", nargs=3, action="append", required=True, metavar=("NAME", "CONFIG", "WEIGHTS"),
+                            help=helps["model"])
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help=helps["threads"])
+    if output_dir is not None:
+        parser.add_argument("--output-dir", default=output_dir, help=helps["output_dir"])
+    if copy_to_docs:
+        parser.add_argument("--copy-to-docs", action="store_true", help=helps["copy_to_docs"])
+    if opts:
+        default_help = "KEY VALUE config overrides" + (" applied to every model" if models else "")
+        parser.add_argument("opts", nargs=argparse.REMAINDER, help=helps.get("opts", default_help))
+    return parser
+
+
+def tool_parser(description: str | None, **common: Any) -> argparse.ArgumentParser:
+    """A tool's parser: ``description`` (a module docstring, shown as written) and the flags ``common`` asks
+    :func:`add_common_arguments` for (``threads=2, output_dir="output/x", opts=True``, ...)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_common_arguments(parser, **common)
 
 
 # Exception names whose messages are written for users (as raised by rfpn's checks and loaders).
