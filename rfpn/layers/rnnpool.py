@@ -67,8 +67,11 @@ class FastGRNNCell(nn.Module):
         """One step from the projected input ``W x`` and the state ``h``."""
         pre = projected + F.linear(h, self.weight_hh)
         z = torch.sigmoid(pre + self.bias_gate)
-        candidate = torch.tanh(pre + self.bias_update)
-        return (torch.sigmoid(self.zeta) * (1 - z) + torch.sigmoid(self.nu)) * candidate + z * h
+        candidate = torch.tanh(pre.add_(self.bias_update))  # in place: no backward reads pre
+        del pre  # these locals are each as large as every patch's state: free them at their last use
+        keep = torch.sigmoid(self.zeta) * (1 - z) + torch.sigmoid(self.nu)
+        z = z * h
+        return z.addcmul_(keep, candidate)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return self.step(self.project(x), h)
@@ -84,10 +87,12 @@ class GRUCell(nn.GRUCell):
     def step(self, projected: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """One GRU step (PyTorch's equations) from the projected input and the state ``h``."""
         reset_x, update_x, new_x = projected.chunk(3, dim=-1)
-        reset_h, update_h, new_h = F.linear(h, self.weight_hh, self.bias_hh).chunk(3, dim=-1)
+        hidden = F.linear(h, self.weight_hh, self.bias_hh)
+        reset_h, update_h, new_h = hidden.chunk(3, dim=-1)
         reset = torch.sigmoid(reset_x + reset_h)
         update = torch.sigmoid(update_x + update_h)
         new = torch.tanh(new_x + reset * new_h)
+        del hidden, reset_h, update_h, new_h, reset  # as large as every patch's state: free before the blend
         return new + update * (h - new)
 
 
@@ -166,6 +171,7 @@ class RNNPool(nn.Module):
         projected = self.rnn1.project(patches.permute(0, 2, 3, 1))  # (N, kh, kw, gates * hidden1), shared by both sweeps
         rows = _sweep(self.rnn1, projected, dim=2)  # (N, kh, hidden1): each row, left to right
         cols = _sweep(self.rnn1, projected, dim=1)  # (N, kw, hidden1): each column, top to bottom
+        del projected  # the largest tensor here; RNN2 does not read it
         pooled = []
         for summaries in (rows, cols):
             p = self.rnn2.project(summaries)
