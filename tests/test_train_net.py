@@ -178,3 +178,23 @@ def test_benchmark_pathfinder_tests_reversible_rows_past_their_training_steps(ti
                          "1", "--methods", "Reversible additive", "--output-dir", str(tmp_path)] + opts)
     assert row["grad"] == "reversible" and row["inference"] == "fixed, 2 steps"
     assert row["iou_past_training_steps"]["steps"] == 6 and 0.0 <= row["iou_past_training_steps"]["iou"] <= 1.0
+
+
+def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_one_from_scratch(tiny_pathfinder, tmp_path):
+    from rfpn.benchmarks import pathfinder as bench
+
+    opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
+            "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2",
+            "MODEL.RECURRENT.MAX_STEPS", "3", "MODEL.RECURRENT.TEST_STEPS", "2", "SOLVER.CHECKPOINT_PERIOD", "2"]
+    common = ["--train-set", tiny_pathfinder, "--test-sets", tiny_pathfinder, "--threads", "1", "--methods", "C-RBP",
+              "--output-dir", str(tmp_path)]
+    (first,) = bench.main(["--iters", "3"] + common + opts)
+    assert "resumed_from_iter" not in first
+    run_dir = tmp_path / "c-rbp"
+    (run_dir / "row.json").unlink()  # as if killed after the checkpoint of iteration 2 (index 1)
+    (run_dir / "model_final.pth").unlink()
+    (run_dir / "last_checkpoint").write_text("model_0000001.pth")
+    (resumed,) = bench.main(["--iters", "3"] + common + opts)
+    assert resumed["resumed_from_iter"] == 2
+    (retrained,) = bench.main(["--iters", "3", "--rerun"] + common + opts)
+    assert "resumed_from_iter" not in retrained

@@ -9,7 +9,8 @@ BPTT and C-RBP models, trained on the short contours, on longer ones (generalisa
 
 The command line is ``tools/benchmark_pathfinder.py``. Writes ``<output-dir>/benchmark_pathfinder.json`` and ``.png``; ``--copy-to-docs`` also copies
 the PNG to ``docs/figures/``. Each method's result is kept in ``<output-dir>/<method>/row.json``:
-a re-run (say, after an interruption) trains only the methods without one (``--rerun`` retrains;
+a re-run (say, after an interruption) trains only the methods without one, each from its last
+checkpoint if it has one (``--rerun`` retrains from scratch;
 ``--eval-only`` scores the saved checkpoints again with the configs' current test-time settings).
 ``--jobs 2`` trains two methods at a time in child processes with one thread each, which on a
 2-core machine halves the wall time (one thread per process is as fast here as two). Example
@@ -150,12 +151,13 @@ def run_method(name: str, args, out_root: str) -> dict:
     os.makedirs(out, exist_ok=True)
     memory = training_bytes(cfg)
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
+    # a run without a row was interrupted: go on from its last checkpoint; one with a row is retrained (--rerun)
+    trainer.resume_or_load(resume=load_row(out_root, name) is None)
     start = time.perf_counter()
     results = trainer.train()
     elapsed = time.perf_counter() - start
     timer = trainer.storage.history("time") if "time" in trainer.storage.histories() else None
-    sec_per_iter = timer.global_avg() if timer is not None else elapsed / args.iters
+    sec_per_iter = timer.global_avg() if timer is not None else elapsed / max(args.iters - trainer.start_iter, 1)
     rc = cfg.MODEL.RECURRENT
     recurrent = cfg.MODEL.PATHFINDER.CORE == "recurrent"
     steps_key = next((k for k in trainer.storage.histories() if k.endswith("/steps")), None)
@@ -174,6 +176,8 @@ def run_method(name: str, args, out_root: str) -> dict:
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(out, "model_final.pth"),
     }
+    if trainer.start_iter > 0:  # the statistics above cover only the iterations after the resume
+        row["resumed_from_iter"] = trainer.start_iter
     row.update(penalty_weight_history(trainer.storage, "recurrent", args.iters))
     row.update(evaluation(name, args, cfg, trainer.model, results["pathfinder"]["IoU"]))
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
