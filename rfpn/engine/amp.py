@@ -105,23 +105,22 @@ def resolve_precision(cfg: CfgNode) -> Precision:
             f"{torch.backends.cpu.get_cpu_capability()}), so bf16 is emulated and much slower than fp32 here (an hGRU "
             "step measured 70x slower on an AVX2-only AMD EPYC). Set SOLVER.AMP.ENABLED False on this machine."
         )
-    _report_tolerance_floor(cfg, name, dtype)
+    _report_full_precision_finish(cfg, name, dtype)
     return Precision(device_type, dtype)
 
 
-def _report_tolerance_floor(cfg: CfgNode, name: str, dtype: torch.dtype) -> None:
-    """Say when a residual-stopped solve's ``MODEL.RECURRENT.TOL`` is raised to the reduced precision's roundoff.
+def _report_full_precision_finish(cfg: CfgNode, name: str, dtype: torch.dtype) -> None:
+    """Say when residual-stopped solves will finish in float32 because ``MODEL.RECURRENT.TOL`` is below what ``dtype`` resolves.
 
-    The cells compute in ``dtype``, so the relative residual cannot fall much below its unit
-    roundoff; :func:`rfpn.recurrent.attainable_tolerance` stops such solves there instead of letting
-    them run to MAX_STEPS on rounding noise.
+    See :func:`rfpn.recurrent.full_precision_threshold`: the reduced-precision cells stall the
+    relative residual near their unit roundoff, so such solves switch to float32 at twice it.
     """
     rc = cfg.MODEL.get("RECURRENT")
     if rc is None or all(solver in ("", "fixed") for solver in (rc.SOLVER, rc.TEST_SOLVER)):
         return
-    roundoff = torch.finfo(dtype).eps / 2
-    if 0 < rc.TOL < roundoff:
+    switch = torch.finfo(dtype).eps  # twice the unit roundoff
+    if 0 < rc.TOL < switch:
         logger.info(
-            f"MODEL.RECURRENT.TOL={rc.TOL:g} is below {name}'s unit roundoff: under {name} the residual-stopped solves "
-            f"stop at a relative residual of {roundoff:.2g}, the smallest the reduced-precision cells resolve."
+            f"MODEL.RECURRENT.TOL={rc.TOL:g} is below what {name} cells resolve: residual-stopped solves run in {name} "
+            f"until every relative residual is below {switch:.2g}, then finish in float32."
         )

@@ -12,7 +12,7 @@ class plus ``@register_gradient_method``.
 """
 from .cells import GATES, NORMS, ConvLSTMCell, HGRUCell, make_norm
 from .diagnostics import SpectralNormEstimate, capture_last_step, fixed_point_diagnostics, jacobian_spectral_norm
-from .dynamics import RecurrentDynamics, attainable_tolerance, validate_settings
+from .dynamics import RecurrentDynamics, validate_settings
 from .gradients import BackwardStats, anderson_adjoint_solve, attach_implicit_backward, neumann_solve
 from .memory import SavedTensorCounter, saved_tensor_bytes
 from .momentum import (
@@ -42,7 +42,7 @@ from .reversible import (
 )
 from .options import BACKWARD_SOLVERS, PENALTIES, SOLVERS, BackwardOptions, ForwardOptions, PenaltyOptions
 from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_penalty
-from .solvers import AndersonMixer, HeavyBall, SolverResult, relative_residual, solve_fixed_point
+from .solvers import AndersonMixer, HeavyBall, SolverResult, full_precision_threshold, relative_residual, solve_fixed_point
 
 __all__ = [
     "AdditiveCoupling",
@@ -76,9 +76,9 @@ __all__ = [
     "StateMomentumCell",
     "anderson_adjoint_solve",
     "attach_implicit_backward",
-    "attainable_tolerance",
     "capture_last_step",
     "column_sums",
+    "full_precision_threshold",
     "dual_ascent_step",
     "fixed_point_diagnostics",
     "heavy_ball_parameters",

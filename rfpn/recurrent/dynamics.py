@@ -49,7 +49,7 @@ from .options import (
 from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_from_column_sums
 from .solvers import SolverResult, check_finite, relative_residual, solve_fixed_point
 
-__all__ = ["GRADS", "RecurrentDynamics", "attainable_tolerance", "state_dtype", "validate_settings"]
+__all__ = ["GRADS", "RecurrentDynamics", "state_dtype", "validate_settings"]
 
 
 def validate_settings(
@@ -108,22 +108,6 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
     digits, too few for a relative-residual tolerance of 1e-3 or a Neumann sum of 15 terms.
     """
     return torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
-
-
-def attainable_tolerance(tol: float, x: torch.Tensor) -> float:
-    """``tol`` raised to the unit roundoff of autocast's dtype when autocast is on for ``x``'s device.
-
-    Under autocast the cells compute in bf16/fp16, so ``F(h)`` carries a rounding error of about
-    the unit roundoff (bf16 2^-8, fp16 2^-11) and the relative residual stalls near it. A smaller
-    tolerance is then met late or never: the solve would run to its cap on rounding noise (measured
-    on a trained Pathfinder hGRU at TOL 1e-3: the bf16 residual stalled at 1.4e-3 to 1.9e-3 while fp32
-    reached 1e-3 in 24 steps). At the roundoff, Anderson stops within a step of fp32 at 1e-3 on
-    contractive cells. ``tol`` 0 (run every step) is kept.
-    """
-    device = x.device.type
-    if tol == 0 or not torch.is_autocast_enabled(device):
-        return tol
-    return max(tol, torch.finfo(torch.get_autocast_dtype(device)).eps / 2)
 
 
 def _mean_abs_update(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -285,7 +269,7 @@ class RecurrentDynamics(nn.Module):
         ``test_steps`` at inference) or the cap ``max_steps`` of the others; ``eps`` the
         fixed solver's inference early stop; ``tol`` the relative-residual tolerance.
         """
-        tol = attainable_tolerance(self.tol if tol is None else tol, x)
+        tol = self.tol if tol is None else tol
         state = (self.cell.init_state(x) if h0 is None else h0).to(state_dtype(x))
         expected = self.cell.init_state(x[:1]).shape[1:]
         if state.shape[0] != x.shape[0] or state.shape[1:] != expected:
