@@ -102,7 +102,7 @@ def method_cfg(config_file: str, train_set: str, test_set: str, iters: int, outp
             "DATASETS.TEST", (f"{test_set}_test",),
             "SOLVER.MAX_ITER", iters,
             "SOLVER.STEPS", tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS),
-            "SOLVER.CHECKPOINT_PERIOD", iters,
+            "SOLVER.CHECKPOINT_PERIOD", min(iters, 500),  # CPU checkpoints are kilobytes; an interrupted run resumes
             "TEST.EVAL_PERIOD", 0,
             "OUTPUT_DIR", output_dir,
         ]
