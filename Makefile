@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rfpn-installed
 
-.PHONY: install demo test benchmark-memory benchmark-pathfinder benchmark-rfpn clean-venv
+.PHONY: install demo test benchmark-memory benchmark-pathfinder benchmark-rfpn long-contours clean-venv
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ benchmark-pathfinder: $(STAMP)
 benchmark-rfpn: $(STAMP)
 	$(BIN)/python tools/benchmark_rfpn.py --models fpn crbp20 revnet18 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
 		--output-dir output/benchmark_rfpn_300
+
+# Several hours on 2 cores (resumable: finished runs are kept): long contours with 3x3 kernels,
+# C-RBP vs RBP vs BPTT within C-RBP's memory, 3 seeds, and the controls (docs/long_contours.md).
+long-contours: $(STAMP)
+	$(BIN)/python tools/benchmark_long_contours.py --prepare --jobs 2 --copy-to-docs
 
 clean-venv:
 	rm -rf $(VENV)

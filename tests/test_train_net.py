@@ -198,3 +198,52 @@ def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_o
     assert resumed["resumed_from_iter"] == 2
     (retrained,) = bench.main(["--iters", "3", "--rerun"] + common + opts)
     assert "resumed_from_iter" not in retrained
+
+
+def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder, tmp_path):
+    """BPTT at budget trains with the most steps whose bytes fit C-RBP's; rows carry curves and diagnostics."""
+    import json
+
+    from rfpn.benchmarks import long_contours as bench
+    from rfpn.benchmarks.pathfinder import training_bytes
+
+    opts = ["DATASETS.TRAIN", f"('{tiny_pathfinder}_train',)", "DATASETS.TEST", f"('{tiny_pathfinder}_test',)",
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "SOLVER.IMS_PER_BATCH", "4",
+            "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2", "MODEL.RECURRENT.MAX_STEPS", "4",
+            "MODEL.RECURRENT.TEST_STEPS", "2", "DIAGNOSTICS.PERIOD", "1", "DIAGNOSTICS.POWER_ITERS", "2"]
+    argv = ["--methods", "C-RBP", "BPTT at budget", "FF control", "--seeds", "0", "1", "--control-seeds", "0",
+            "--test-sets", tiny_pathfinder, "--iters", "2", "--curve-steps", "3", "--curve-images", "4", "--threads",
+            "1", "--output-dir", str(tmp_path)]
+    rows = bench.main(argv + opts)
+    summary = json.loads((tmp_path / "benchmark_long_contours.json").read_text())
+    budget = summary["budget"]
+    args = bench.parse_args(argv + opts)
+    fits = [training_bytes(bench.method_cfg(bench.BUDGET_METHOD, 0, args, ["MODEL.RECURRENT.STEPS", k]))
+            for k in (budget["bptt_steps"], budget["bptt_steps"] + 1)]
+    assert fits[0] <= budget["crbp_bytes"] < fits[1]
+
+    by_run = {(r["method"], r["seed"]): r for r in rows}
+    assert sorted(by_run) == [("BPTT at budget", 0), ("BPTT at budget", 1), ("C-RBP", 0), ("C-RBP", 1), ("FF control", 0)]
+    assert by_run[("BPTT at budget", 0)]["steps"] == budget["bptt_steps"]
+    crbp = by_run[("C-RBP", 0)]
+    assert crbp["inference"] == "fixed, 2 steps" and len(crbp["step_ious"]["4"]) == 3
+    assert crbp["step_ious"]["4"][1] == pytest.approx(crbp["iou"], abs=1e-9)  # the evaluator's IoU after 2 steps
+    assert set(crbp["diagnostics"]) >= {"spectral_norm", "max_column_sum", "relative_residual", "neumann_cap_hits"}
+    # read back from metrics.json, which the writers fill every 20 iterations and at the end
+    assert [it for it, _ in crbp["diagnostics"]["spectral_norm"]] == [1]
+    assert "step_ious" not in by_run[("FF control", 0)]
+
+    (diff,) = [d for d in summary["paired_iou_differences"] if d["baseline"] == "BPTT at budget"]
+    assert diff["seeds"] == [0, 1]
+    assert diff["differences"] == [by_run[("C-RBP", s)]["iou"] - by_run[("BPTT at budget", s)]["iou"] for s in (0, 1)]
+    (crbp_summary,) = [s for s in summary["summary"] if s["method"] == "C-RBP"]
+    assert crbp_summary["iou"]["runs"] == [by_run[("C-RBP", s)]["iou"] for s in (0, 1)]
+    assert crbp_summary["bptt_steps_in_same_bytes"] == pytest.approx(
+        (budget["crbp_bytes"] - budget["bptt_base_bytes"]) / budget["bptt_bytes_per_step"])
+    for png in ("long_contours.png", "long_contours_diagnostics.png", "long_contours_steps_4.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+    row_file = tmp_path / "c-rbp_seed0" / "row.json"
+    before = row_file.stat().st_mtime_ns
+    again = bench.main(argv + opts)  # every run has a row: nothing is retrained
+    assert row_file.stat().st_mtime_ns == before and again == rows

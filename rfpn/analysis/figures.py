@@ -25,11 +25,13 @@ __all__ = [
     "plot_generalization",
     "plot_gradient_agreement",
     "plot_learning_curves",
+    "plot_long_contours",
     "plot_penalty_weight_curves",
     "plot_iou_vs_step",
     "plot_readout_grid",
     "plot_state_space",
     "plot_strip",
+    "plot_training_diagnostics",
 ]
 
 EARLY_COLOR, LATE_COLOR, EXEMPLAR_COLOR = "tab:red", "tab:blue", "gold"
@@ -439,3 +441,64 @@ def plot_residual_stopping(path: str, models: Mapping[str, Mapping], steps: int)
     ax_res.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path, dpi=80)
+
+
+def plot_long_contours(path: str, summary: Sequence[Mapping], budget: Mapping) -> str:
+    """Test IoU per method (bar: mean over seeds, dots: seeds) and MiB saved for backward, with C-RBP's budget."""
+    fig = Figure(figsize=(10, 3.6))
+    ax_iou, ax_mem = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    names = [s["method"] for s in summary]
+    x = np.arange(len(summary))
+    ax_iou.bar(x, [s["iou"]["mean"] for s in summary], color="tab:blue", alpha=0.7)
+    for i, s in enumerate(summary):
+        ax_iou.plot([i] * len(s["iou"]["runs"]), s["iou"]["runs"], "k.", markersize=5)
+    ax_iou.set_ylim(0, 1)
+    ax_iou.set_ylabel("test IoU (contour)", fontsize=8)
+    ax_iou.set_title("pathfinder_cpu14, 3x3 kernels: IoU (dots: seeds)", fontsize=9)
+    ax_mem.bar(x, [s["saved_bytes"] / 2**20 for s in summary], color="tab:orange")
+    ax_mem.axhline(budget["crbp_bytes"] / 2**20, color="k", ls="--", lw=0.8, label="budget (C-RBP)")
+    ax_mem.set_yscale("log")
+    ax_mem.set_ylabel("MiB saved for backward / iteration", fontsize=8)
+    ax_mem.set_title(f"memory: {budget['bptt_steps']} BPTT steps fit the budget", fontsize=9)
+    ax_mem.legend(fontsize=7)
+    for ax in (ax_iou, ax_mem):
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)
+
+
+def plot_training_diagnostics(path: str, runs: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> str:
+    """Stability diagnostics over training, one panel per diagnostic and a line per run (``name, seed k``).
+
+    Runs of one method share a colour. The spectral norm and the max column sum of ``1^T J`` get a
+    line at 1: above it the dynamics are locally expansive.
+    """
+    panels = (("spectral_norm", "spectral norm of dF/dh", True), ("max_column_sum", "max column sum of 1^T J", True),
+              ("relative_residual", "relative residual at the stop", False), ("neumann_cap_hits", "Neumann cap hits", False))
+    fig = Figure(figsize=(11, 6.5))
+    methods = list(dict.fromkeys(name.split(",")[0] for name in runs))
+    for i, (key, label, unit_line) in enumerate(panels, start=1):
+        ax = fig.add_subplot(2, 2, i)
+        for name, curves in runs.items():
+            points = curves.get(key) or []
+            if points:
+                method = name.split(",")[0]
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=f"C{methods.index(method)}", lw=1,
+                        label=method if name.endswith(f"seed {_first_seed(runs, method)}") else None)
+        if unit_line:
+            ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        if key == "relative_residual":
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)
+
+
+def _first_seed(runs: Mapping[str, object], method: str) -> str:
+    return next(name.rsplit("seed ", 1)[-1] for name in runs if name.split(",")[0] == method)

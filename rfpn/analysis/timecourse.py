@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["StepIoU", "fixed_solver", "run_steps", "select_steps", "step_probabilities"]
+__all__ = ["StepIoU", "dataset_step_ious", "fixed_solver", "run_steps", "select_steps", "step_probabilities"]
 
 
 @contextmanager
@@ -114,3 +114,24 @@ def select_steps(total: int, n: int, count: int = 8) -> list[int]:
     picks = set(np.unique(np.round(np.linspace(1, total, max(count - 1, 2))).astype(int)).tolist())
     picks |= {n, total}
     return sorted(picks)
+
+
+@torch.no_grad()
+def dataset_step_ious(model: nn.Module, cfg, dataset: str, steps: int, num_images: int, batch_size: int = 50) -> np.ndarray:
+    """(steps,) pooled contour IoU after each step 1..``steps`` on the first ``num_images`` of ``dataset``.
+
+    ``dataset`` is a registered Pathfinder split (e.g. ``pathfinder_cpu14_test``), mapped for
+    inference as the evaluator maps it; the model's core runs ``steps`` fixed steps.
+    """
+    from detectron2.data import DatasetCatalog
+
+    from rfpn.data.pathfinder_mapper import PathfinderDatasetMapper
+
+    dicts = DatasetCatalog.get(dataset)[:num_images]
+    mapper = PathfinderDatasetMapper(cfg, is_train=False)
+    iou = StepIoU()
+    for start in range(0, len(dicts), batch_size):
+        batch = [mapper(d) for d in dicts[start : start + batch_size]]
+        probs, _ = step_probabilities(model, model._images(batch), steps)
+        iou.update(probs, torch.stack([d["sem_seg"] for d in batch]))
+    return iou.ious()

@@ -43,6 +43,7 @@ from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
 from rfpn.utils.cli import load_config, tool_parser
+from rfpn.utils.events import metric_history, metric_mean
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
 from rfpn.utils.models import build_eval_model
@@ -144,41 +145,53 @@ def contour_length_of(test_set: str) -> int | str:
     return MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
 
 
-def run_method(name: str, args, out_root: str) -> dict:
-    train_set = args.train_set
-    out = method_dir(out_root, name)
-    cfg = method_cfg(METHODS[name], train_set, train_set, args.iters, out, args.opts)
-    os.makedirs(out, exist_ok=True)
+def train_measured(name: str, config: str, cfg: CfgNode, fresh: bool) -> tuple[dict, Trainer, dict]:
+    """Train ``cfg`` and measure it: the row of training measurements, the trainer, its final evaluation.
+
+    ``fresh`` retrains from scratch; otherwise the run goes on from its last checkpoint (an interrupted
+    run). Time per iteration and the steps used come from the run's ``metrics.json``, so they cover
+    the whole run even when it was resumed; ``config`` is the config file the row names.
+    """
+    iters = cfg.SOLVER.MAX_ITER
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     memory = training_bytes(cfg)
     trainer = Trainer(cfg)
-    # a run without a row was interrupted: go on from its last checkpoint; one with a row is retrained (--rerun)
-    trainer.resume_or_load(resume=load_row(out_root, name) is None)
+    trainer.resume_or_load(resume=not fresh)
     start = time.perf_counter()
     results = trainer.train()
     elapsed = time.perf_counter() - start
-    timer = trainer.storage.history("time") if "time" in trainer.storage.histories() else None
-    sec_per_iter = timer.global_avg() if timer is not None else elapsed / max(args.iters - trainer.start_iter, 1)
+    sec_per_iter = metric_mean(cfg.OUTPUT_DIR, "time") or elapsed / max(iters - trainer.start_iter, 1)
     rc = cfg.MODEL.RECURRENT
     recurrent = cfg.MODEL.PATHFINDER.CORE == "recurrent"
-    steps_key = next((k for k in trainer.storage.histories() if k.endswith("/steps")), None)
+    steps_key = next((k for k in metric_history(cfg.OUTPUT_DIR, "recurrent/") if k.endswith("/steps")), None)
     row = {
         "method": name,
-        "config": os.path.join("configs", "Pathfinder", "cpu", METHODS[name]),
+        "config": config,
         "grad": rc.GRAD if recurrent else "feedforward",
         "solver": rc.SOLVER if recurrent else "-",
         "steps": (rc.STEPS if rc.SOLVER == "fixed" else rc.MAX_STEPS) if recurrent else cfg.MODEL.PATHFINDER.FF_LAYERS,
         # cell evaluations per forward pass, averaged over the last 20% of training
-        "mean_steps": trainer.storage.history(steps_key).avg(max(1, args.iters // 5)) if steps_key else None,
-        "iters": args.iters,
+        "mean_steps": metric_mean(cfg.OUTPUT_DIR, steps_key, iters - iters // 5) if steps_key else None,
+        "iters": iters,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
         "precision": resolve_precision(cfg).name,
         "saved_bytes": memory,
         "sec_per_iter": sec_per_iter,
-        "checkpoint": os.path.join(out, "model_final.pth"),
+        "checkpoint": os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
     }
-    if trainer.start_iter > 0:  # the statistics above cover only the iterations after the resume
+    if trainer.start_iter > 0:
         row["resumed_from_iter"] = trainer.start_iter
-    row.update(penalty_weight_history(trainer.storage, "recurrent", args.iters))
+    row.update(penalty_weight_history(trainer.storage, "recurrent", iters))
+    return row, trainer, results
+
+
+def run_method(name: str, args, out_root: str) -> dict:
+    out = method_dir(out_root, name)
+    cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, out, args.opts)
+    # a run without a row was interrupted: go on from its last checkpoint; one with a row is retrained (--rerun)
+    row, trainer, results = train_measured(
+        name, os.path.join("configs", "Pathfinder", "cpu", METHODS[name]), cfg, fresh=load_row(out_root, name) is not None
+    )
     row.update(evaluation(name, args, cfg, trainer.model, results["pathfinder"]["IoU"]))
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
     save_row(out_root, row)

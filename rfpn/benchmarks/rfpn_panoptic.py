@@ -45,6 +45,7 @@ from rfpn import model_zoo
 from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic
 from rfpn.engine import Trainer
 from rfpn.analysis.figures import plot_penalty_weight_curves, plot_rfpn_benchmark
+from rfpn.benchmarks.seeds import paired_difference
 from rfpn.modeling.recurrent_core import penalty_weight_history
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils.cli import tool_parser
@@ -312,22 +313,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def paired_pq_difference(rows: list[dict], model: str = "crbp20", baseline: str = "fpn") -> dict[str, Any] | None:
-    """PQ of ``model`` minus PQ of ``baseline`` over the seeds both ran: mean and a 95% t-interval.
-
-    The seed sets the initialisation and the data order of both runs, so the difference is paired
-    by seed; None with fewer than two common seeds.
-    """
-    from scipy import stats
-
-    pq = {(r["key"], r["seed"]): r["PQ"] for r in rows}
-    seeds = sorted(seed for key, seed in pq if key == model and (baseline, seed) in pq)
-    if len(seeds) < 2:
-        return None
-    diffs = [pq[(model, s)] - pq[(baseline, s)] for s in seeds]
-    mean, sem = statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
-    half = float(stats.t.ppf(0.975, len(diffs) - 1)) * sem
-    return {"model": model, "baseline": baseline, "seeds": seeds, "differences": diffs, "mean": mean,
-            "ci95": [mean - half, mean + half]}
+    """PQ of ``model`` minus PQ of ``baseline``, paired by seed (:func:`~rfpn.benchmarks.seeds.paired_difference`)."""
+    return paired_difference({(r["key"], r["seed"]): r["PQ"] for r in rows}, model, baseline)
 
 
 def format_table(rows: list[dict], sweep: list[dict]) -> str:

@@ -1,0 +1,307 @@
+"""Where C-RBP should win at CPU scale: long contours, 3x3 kernels and a memory budget.
+
+The paper's case for C-RBP (its Fig. 2b and Pathfinder-14/20/25 results) rests on two mechanisms:
+constant memory lets a model with small kernels run the tens of steps a long contour needs, which
+BPTT cannot afford; and without the penalty, RBP drifts into expansive dynamics and fails. This
+benchmark sets up the CPU-scale experiment in which both can appear and reports what happens:
+
+- data: ``pathfinder_cpu14`` (64x64, 14-paddle contours) for training and test, plus longer sets
+  (``--test-sets``, default ``pathfinder_cpu20``) for generalisation;
+- model: the CPU hGRU with 3x3 horizontal kernels (``configs/Pathfinder/cpu/pfcpu14_*``);
+- memory budget: the bytes C-RBP saves for backward in one training iteration. BPTT's bytes are
+  measured at 1 and 2 steps (they grow linearly) to find how many steps fit; "BPTT at budget"
+  trains with that many;
+- methods: C-RBP (residual-stopped, <= 60 steps), RBP (the same without the penalty) and BPTT at
+  budget over ``--seeds``; BPTT-6 (the paper's memory-limited setting), BPTT-60 (C-RBP's step cap,
+  what unlimited memory buys) and the feed-forward control over ``--control-seeds``.
+
+Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
+without one, each from its last checkpoint); a row holds the test IoU, IoU on the longer sets,
+IoU after every step 1..``--curve-steps`` on the first ``--curve-images`` test images of each set,
+the stability diagnostics logged during training (``DIAGNOSTICS.PERIOD`` in the configs: spectral
+norm, max column sum of ``1^T J``, relative residual, Neumann cap hits), bytes saved for backward
+and seconds per iteration. The summary (``benchmark_long_contours.json``) adds the spread over
+seeds, paired differences and the budget; three figures show IoU and memory per method, the
+diagnostics over training and IoU per step. Command (``make long-contours``)::
+
+    python tools/benchmark_long_contours.py --prepare --jobs 2 --copy-to-docs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
+from detectron2.utils.logger import setup_logger
+
+from rfpn.analysis.figures import plot_iou_vs_step, plot_long_contours, plot_training_diagnostics
+from rfpn.analysis.timecourse import dataset_step_ious
+from rfpn.benchmarks.pathfinder import contour_length_of, inference_description, train_measured, training_bytes
+from rfpn.benchmarks.seeds import paired_difference, spread
+from rfpn.data.pathfinder import register_pathfinder
+from rfpn.data.pathfinder_generator import main as prepare_pathfinder
+from rfpn.engine import Trainer
+from rfpn.utils import run_cli
+from rfpn.utils.cli import load_config, tool_parser
+from rfpn.utils.events import metric_history
+from rfpn.utils.files import copy_to_docs, write_json_atomic
+from rfpn.utils.jobs import ChildJob, run_child_jobs
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
+BUDGET_METHOD = "BPTT at budget"
+METHODS = {
+    "C-RBP": "pfcpu14_hgru3x3_crbp.yaml",
+    "RBP": "pfcpu14_hgru3x3_rbp.yaml",
+    BUDGET_METHOD: "pfcpu14_hgru3x3_bptt_budget.yaml",
+    "FF control": "pfcpu14_ff3x3_control.yaml",
+    "BPTT-6": "pfcpu14_hgru3x3_bptt6.yaml",
+    "BPTT-60": "pfcpu14_hgru3x3_bptt60.yaml",
+}
+COMPARED = ("C-RBP", "RBP", BUDGET_METHOD)  # trained over --seeds; the others over --control-seeds
+COMPARISONS = (("C-RBP", BUDGET_METHOD), ("C-RBP", "RBP"))
+DIAGNOSTICS = ("spectral_norm", "max_column_sum", "relative_residual", "neumann_cap_hits")
+logger = logging.getLogger("rfpn.benchmark_long_contours")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = tool_parser(
+        __doc__, threads=2, output_dir=os.path.join("output", "benchmark_long_contours"), copy_to_docs=True, opts=True,
+        helps={"threads": "torch threads in all (split between --jobs)", "copy_to_docs": "copy the PNGs to docs/figures/",
+               "opts": "KEY VALUE config overrides for every method"},
+    )
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of C-RBP, RBP and BPTT at budget")
+    p.add_argument("--control-seeds", type=int, nargs="+", default=[0], help="seeds of the other methods")
+    p.add_argument("--iters", type=int, default=3000, help="training iterations of every run (equal budget)")
+    p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu20"], help="longer-contour sets for generalisation")
+    p.add_argument("--curve-steps", type=int, default=120, help="IoU is measured after every step up to this one")
+    p.add_argument("--curve-images", type=int, default=250, help="test images of each set for the per-step IoU")
+    p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets (kept if present)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in a child process")
+    p.add_argument("--rerun", action="store_true", help="retrain runs that already have a row.json")
+    p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
+    return p.parse_args(argv)
+
+
+def run_dir(out_root: str, name: str, seed: int) -> str:
+    return os.path.join(out_root, f"{name.replace(' ', '_').lower()}_seed{seed}")
+
+
+def load_row(out_root: str, name: str, seed: int) -> dict | None:
+    path = os.path.join(run_dir(out_root, name, seed), "row.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
+    """The method's packaged config for ``--iters`` iterations (LR steps scaled) and ``seed``, then ``--opts``."""
+    cfg = load_config(os.path.join(REPO, CONFIG_DIR, METHODS[name]))
+    scale = args.iters / cfg.SOLVER.MAX_ITER
+    cfg.merge_from_list(
+        [
+            "SOLVER.MAX_ITER", args.iters,
+            "SOLVER.STEPS", tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS),
+            "SOLVER.CHECKPOINT_PERIOD", min(args.iters, 500),
+            "TEST.EVAL_PERIOD", 0,
+            "SEED", seed,
+            "OUTPUT_DIR", run_dir(args.output_dir, name, seed),
+            *extra,
+        ]
+    )
+    cfg.merge_from_list(list(args.opts))
+    cfg.freeze()
+    return cfg
+
+
+def memory_budget(args) -> dict:
+    """C-RBP's bytes saved per training iteration, BPTT's bytes per step, and the BPTT steps that fit."""
+    budget = training_bytes(method_cfg("C-RBP", 0, args))
+    one, two = (training_bytes(method_cfg(BUDGET_METHOD, 0, args, ["MODEL.RECURRENT.STEPS", k])) for k in (1, 2))
+    per_step, base = two - one, 2 * one - two
+    steps = max(1, math.floor((budget - base) / per_step))
+    return {"crbp_bytes": budget, "bptt_bytes_per_step": per_step, "bptt_base_bytes": base, "bptt_steps": steps}
+
+
+def run(name: str, seed: int, args, budget: dict) -> dict:
+    extra = ["MODEL.RECURRENT.STEPS", budget["bptt_steps"]] if name == BUDGET_METHOD else []
+    cfg = method_cfg(name, seed, args, extra)
+    fresh = args.rerun and load_row(args.output_dir, name, seed) is not None
+    row, trainer, results = train_measured(name, os.path.join(CONFIG_DIR, METHODS[name]), cfg, fresh=fresh)
+    row["seed"] = seed
+    row["iou"] = results["pathfinder"]["IoU"]
+    row["inference"] = inference_description(cfg)
+    row.update(evaluation(cfg, trainer.model, args))
+    row["diagnostics"] = {
+        key.rsplit("/", 1)[-1]: values for key, values in metric_history(cfg.OUTPUT_DIR, "diagnostics/").items()
+        if key.rsplit("/", 1)[-1] in DIAGNOSTICS
+    }
+    logger.info(f"{name} seed {seed}: IoU {row['iou']:.3f}, generalisation {row['generalisation']}")
+    write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "row.json"), row)
+    return row
+
+
+def evaluation(cfg: CfgNode, model: torch.nn.Module, args) -> dict:
+    """IoU on the longer sets (the method's own test pass) and, for recurrent models, IoU after every step."""
+    model.eval()
+    generalisation = {}
+    for test_set in args.test_sets:
+        test_cfg = cfg.clone()
+        test_cfg.defrost()
+        test_cfg.DATASETS.TEST = (f"{test_set}_test",)
+        generalisation[str(contour_length_of(test_set))] = Trainer.test(test_cfg, model)["pathfinder"]["IoU"]
+    out = {"generalisation": generalisation}
+    if cfg.MODEL.PATHFINDER.CORE == "recurrent":
+        train_set = cfg.DATASETS.TEST[0].removesuffix("_test")
+        out["step_ious"] = {
+            str(contour_length_of(s)): [
+                None if math.isnan(v) else float(v)
+                for v in dataset_step_ious(model, cfg, f"{s}_test", args.curve_steps, args.curve_images)
+            ]
+            for s in (train_set, *args.test_sets)
+        }
+    return out
+
+
+def child_job(name: str, seed: int, args) -> ChildJob:
+    threads = max(1, args.threads // args.jobs)
+    argv = [
+        sys.executable, "-m", __name__, "--methods", name, "--seeds", str(seed), "--control-seeds", str(seed),
+        "--row-only", "--iters", str(args.iters), "--test-sets", *args.test_sets, "--curve-steps", str(args.curve_steps),
+        "--curve-images", str(args.curve_images), "--threads", str(threads), "--output-dir", args.output_dir,
+        *(["--rerun"] if args.rerun else []), *args.opts,
+    ]
+    return ChildJob(f"{name} seed {seed}", argv, os.path.join(run_dir(args.output_dir, name, seed), "benchmark.log"), threads)
+
+
+def planned_runs(args) -> list[tuple[str, int]]:
+    """(method, seed) in the order they train: the first seed of the compared methods, the controls, the other seeds."""
+    compared = [m for m in args.methods if m in COMPARED]
+    controls = [m for m in args.methods if m not in COMPARED]
+    first, rest = args.seeds[:1], args.seeds[1:]
+    return ([(m, s) for s in first for m in compared] + [(m, s) for s in args.control_seeds for m in controls]
+            + [(m, s) for s in rest for m in compared])
+
+
+def summarise(rows: list[dict], budget: dict) -> list[dict]:
+    """Per method: IoU spread over seeds, IoU on the longer sets, memory (and BPTT steps in the same bytes), time."""
+    out = []
+    for name in METHODS:
+        runs = [r for r in rows if r["method"] == name]
+        if not runs:
+            continue
+        lengths = list(runs[0]["generalisation"])
+        out.append({
+            "method": name,
+            "config": runs[0]["config"],
+            "steps": runs[0]["steps"],
+            "mean_steps": runs[0]["mean_steps"],
+            "seeds": [r["seed"] for r in runs],
+            "iou": spread([r["iou"] for r in runs]),
+            "generalisation": {n: spread([r["generalisation"][n] for r in runs]) for n in lengths},
+            "saved_bytes": runs[0]["saved_bytes"],
+            "bptt_steps_in_same_bytes": (runs[0]["saved_bytes"] - budget["bptt_base_bytes"]) / budget["bptt_bytes_per_step"],
+            "sec_per_iter": float(np.mean([r["sec_per_iter"] for r in runs])),
+        })
+    return out
+
+
+def mean_step_curves(rows: list[dict]) -> dict[str, tuple[dict[str, np.ndarray], dict[str, int]]]:
+    """Per test contour length: each method's IoU after every step averaged over seeds, and its training steps."""
+    out: dict[str, tuple[dict[str, np.ndarray], dict[str, int]]] = {}
+    for r in rows:
+        for length in r.get("step_ious", {}):
+            curves, steps = out.setdefault(length, ({}, {}))
+            runs = [x["step_ious"][length] for x in rows if x["method"] == r["method"] and x.get("step_ious")]
+            curves[r["method"]] = np.nanmean(np.array(runs, dtype=float), axis=0)
+            steps[r["method"]] = r["steps"]
+    return out
+
+
+def format_table(summary: list[dict]) -> str:
+    lines = ["| method | steps | steps used | IoU (mean ± sd) | IoU per seed | " + " | ".join(
+        f"IoU on {n} paddles" for n in (summary[0]["generalisation"] if summary else [])) + " | MiB saved | BPTT steps in the same memory | s / iter |"]
+    lines.append("|" + "---|" * (8 + len(summary[0]["generalisation"] if summary else [])))
+    for s in summary:
+        used = "-" if s["mean_steps"] is None else f"{s['mean_steps']:.1f}"
+        per_seed = ", ".join(f"{v:.3f}" for v in s["iou"]["runs"])
+        gen = " | ".join(f"{g['mean']:.3f}" for g in s["generalisation"].values())
+        lines.append(
+            f"| {s['method']} | {s['steps']} | {used} | {s['iou']['mean']:.3f} ± {s['iou']['std']:.3f} | {per_seed} | {gen} | "
+            f"{s['saved_bytes'] / 2**20:.1f} | {s['bptt_steps_in_same_bytes']:.1f} | {s['sec_per_iter']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def prepare_sets(args) -> None:
+    for name in ["pathfinder_cpu14", *args.test_sets]:
+        match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
+        if args.prepare and match:
+            prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1)]
+                               + (["--num-train", "0"] if name != "pathfinder_cpu14" else []))
+            register_pathfinder(name)
+        elif f"{name}_test" not in DatasetCatalog.list():
+            register_pathfinder(name)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    setup_logger()
+    setup_logger(name="rfpn")
+    os.makedirs(args.output_dir, exist_ok=True)
+    prepare_sets(args)
+    budget = memory_budget(args)
+    logger.info(f"memory budget: {json.dumps(budget)}")
+    plan = planned_runs(args)
+    todo = [(m, s) for m, s in plan if args.rerun or load_row(args.output_dir, m, s) is None]
+    if todo and args.jobs > 1:
+        run_child_jobs([child_job(m, s, args) for m, s in todo], args.jobs)
+    else:
+        for m, s in todo:
+            run(m, s, args, budget)
+    rows = [row for row in (load_row(args.output_dir, m, s) for m, s in plan) if row is not None]
+    if args.row_only:
+        return rows
+    summary = summarise(rows, budget)
+    ious = {(r["method"], r["seed"]): r["iou"] for r in rows}
+    payload = {
+        "train_set": "pathfinder_cpu14", "iters": args.iters, "budget": budget, "summary": summary,
+        "paired_iou_differences": [d for m, b in COMPARISONS if (d := paired_difference(ious, m, b)) is not None],
+        "rows": rows,
+    }
+    out = args.output_dir
+    json_path = os.path.join(out, "benchmark_long_contours.json")
+    write_json_atomic(json_path, payload)
+    figures = [
+        plot_long_contours(os.path.join(out, "long_contours.png"), summary, budget),
+        plot_training_diagnostics(
+            os.path.join(out, "long_contours_diagnostics.png"),
+            {f"{r['method']}, seed {r['seed']}": r["diagnostics"] for r in rows if r.get("diagnostics")},
+        ),
+    ]
+    figures += [plot_iou_vs_step(os.path.join(out, f"long_contours_steps_{length}.png"), curves, steps)
+                for length, (curves, steps) in mean_step_curves(rows).items()]
+    if args.copy_to_docs:
+        for path in figures:
+            copy_to_docs(path)
+    print(format_table(summary))
+    for d in payload["paired_iou_differences"]:
+        print(f"{d['model']} - {d['baseline']}: {d['mean']:+.3f} IoU (95% CI {d['ci95'][0]:+.3f}..{d['ci95'][1]:+.3f}, "
+              f"seeds {d['seeds']})")
+    print(f"Wrote {json_path} and {', '.join(figures)}")
+    return rows
+
+
+if __name__ == "__main__":  # a --jobs child (child_job)
+    run_cli(main)
