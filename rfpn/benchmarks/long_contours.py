@@ -185,12 +185,16 @@ def child_job(name: str, seed: int, args) -> ChildJob:
 
 
 def planned_runs(args) -> list[tuple[str, int]]:
-    """(method, seed) in the order they train: the first seed of the compared methods, the controls, the other seeds."""
+    """(method, seed) in training order: the compared methods' first seed, the controls, the other seeds, BPTT-60.
+
+    BPTT-60 costs about as much as all the other controls together, so it trains last.
+    """
     compared = [m for m in args.methods if m in COMPARED]
-    controls = [m for m in args.methods if m not in COMPARED]
+    controls = [m for m in args.methods if m not in COMPARED and m != "BPTT-60"]
     first, rest = args.seeds[:1], args.seeds[1:]
+    last = [("BPTT-60", s) for s in args.control_seeds] if "BPTT-60" in args.methods else []
     return ([(m, s) for s in first for m in compared] + [(m, s) for s in args.control_seeds for m in controls]
-            + [(m, s) for s in rest for m in compared])
+            + [(m, s) for s in rest for m in compared] + last)
 
 
 def summarise(rows: list[dict], budget: dict) -> list[dict]:
