@@ -11,7 +11,15 @@ from detectron2.utils.events import EventStorage
 from rfpn.config import add_rfpn_config
 from rfpn.engine import amp
 from rfpn.engine.train_loop import NonFiniteGuardTrainer
-from rfpn.recurrent import GRADS, ConvLSTMCell, HGRUCell, RecurrentDynamics, full_precision_threshold, solve_fixed_point
+from rfpn.recurrent import (
+    GRADS,
+    ConvLSTMCell,
+    HGRUCell,
+    RecurrentDynamics,
+    full_precision_switch,
+    full_precision_threshold,
+    solve_fixed_point,
+)
 
 from test_divergence import TinyRecurrent, _batches
 from test_recurrent_gradients import tiny_hgru
@@ -81,6 +89,8 @@ def test_solves_finish_in_fp32_only_when_autocast_cannot_resolve_their_tolerance
         assert full_precision_threshold(1e-3, "cpu") == 2**-7
         assert full_precision_threshold(1e-2, "cpu") is None
         assert full_precision_threshold(0.0, "cpu") is None
+    assert full_precision_switch(1e-4, torch.float16) == 2**-10 and full_precision_switch(1e-3, torch.float16) is None
+    assert full_precision_switch(1e-3, torch.float32) is None
 
 
 @pytest.mark.parametrize("make_cell", [lambda: HGRUCell(4, 3, norm="gn"), lambda: ConvLSTMCell(4, 3)])

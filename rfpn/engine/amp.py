@@ -21,6 +21,7 @@ import torch
 from detectron2.config import CfgNode
 
 from rfpn.config import AMP_PRECISIONS
+from rfpn.recurrent import full_precision_switch
 
 __all__ = ["AMP_PRECISIONS", "Precision", "amp_supported", "native_bf16_cpu", "resolve_precision"]
 
@@ -118,8 +119,8 @@ def _report_full_precision_finish(cfg: CfgNode, name: str, dtype: torch.dtype) -
     rc = cfg.MODEL.get("RECURRENT")
     if rc is None or all(solver in ("", "fixed") for solver in (rc.SOLVER, rc.TEST_SOLVER)):
         return
-    switch = torch.finfo(dtype).eps  # twice the unit roundoff
-    if 0 < rc.TOL < switch:
+    switch = full_precision_switch(rc.TOL, dtype)
+    if switch is not None:
         logger.info(
             f"MODEL.RECURRENT.TOL={rc.TOL:g} is below what {name} cells resolve: residual-stopped solves run in {name} "
             f"until every relative residual is below {switch:.2g}, then finish in float32."

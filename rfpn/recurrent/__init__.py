@@ -42,7 +42,15 @@ from .reversible import (
 )
 from .options import BACKWARD_SOLVERS, PENALTIES, SOLVERS, BackwardOptions, ForwardOptions, PenaltyOptions
 from .penalty import column_sums, dual_ascent_step, jacobian_frobenius_penalty, lcp_penalty
-from .solvers import AndersonMixer, HeavyBall, SolverResult, full_precision_threshold, relative_residual, solve_fixed_point
+from .solvers import (
+    AndersonMixer,
+    HeavyBall,
+    SolverResult,
+    full_precision_switch,
+    full_precision_threshold,
+    relative_residual,
+    solve_fixed_point,
+)
 
 __all__ = [
     "AdditiveCoupling",
@@ -78,6 +86,7 @@ __all__ = [
     "attach_implicit_backward",
     "capture_last_step",
     "column_sums",
+    "full_precision_switch",
     "full_precision_threshold",
     "dual_ascent_step",
     "fixed_point_diagnostics",

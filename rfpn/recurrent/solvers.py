@@ -78,10 +78,15 @@ def full_precision_threshold(tol: float, device_type: str) -> float | None:
     below ``2u`` therefore switch to float32 at ``2u``; there the same solves reached 1e-3 in 27 to
     30 evaluations, 10 to 13 of them in float32 (switching at ``u``: 36 to 40; at ``4u``: 25 to 26 with 15 to 17).
     """
-    if tol <= 0 or not torch.is_autocast_enabled(device_type):
+    if not torch.is_autocast_enabled(device_type):
         return None
-    switch = torch.finfo(torch.get_autocast_dtype(device_type)).eps  # twice the unit roundoff
-    return switch if tol < switch else None
+    return full_precision_switch(tol, torch.get_autocast_dtype(device_type))
+
+
+def full_precision_switch(tol: float, dtype: torch.dtype) -> float | None:
+    """Where a solve to ``tol`` in ``dtype`` cells moves to float32 (twice the unit roundoff), or None when ``dtype`` resolves ``tol``."""
+    switch = torch.finfo(dtype).eps
+    return switch if 0 < tol < switch else None
 
 
 def check_finite(state: torch.Tensor, step: int, total: int, solver: str = "fixed") -> None:
