@@ -44,13 +44,13 @@ from detectron2.utils.logger import setup_logger
 
 from rfpn.analysis.figures import plot_iou_vs_step, plot_long_contours, plot_training_diagnostics
 from rfpn.analysis.timecourse import dataset_step_ious
-from rfpn.benchmarks.pathfinder import contour_length_of, inference_description, train_measured, training_bytes
+from rfpn.benchmarks.pathfinder import contour_length_of, inference_description, scaled_cfg, train_measured, training_bytes
 from rfpn.benchmarks.seeds import paired_difference, spread
 from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.utils import run_cli
-from rfpn.utils.cli import load_config, tool_parser
+from rfpn.utils.cli import tool_parser
 from rfpn.utils.events import metric_history
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
@@ -105,23 +105,9 @@ def load_row(out_root: str, name: str, seed: int) -> dict | None:
 
 
 def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
-    """The method's packaged config for ``--iters`` iterations (LR steps scaled) and ``seed``, then ``--opts``."""
-    cfg = load_config(os.path.join(REPO, CONFIG_DIR, METHODS[name]))
-    scale = args.iters / cfg.SOLVER.MAX_ITER
-    cfg.merge_from_list(
-        [
-            "SOLVER.MAX_ITER", args.iters,
-            "SOLVER.STEPS", tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS),
-            "SOLVER.CHECKPOINT_PERIOD", min(args.iters, 500),
-            "TEST.EVAL_PERIOD", 0,
-            "SEED", seed,
-            "OUTPUT_DIR", run_dir(args.output_dir, name, seed),
-            *extra,
-        ]
-    )
-    cfg.merge_from_list(list(args.opts))
-    cfg.freeze()
-    return cfg
+    """The method's packaged config for ``--iters`` iterations and ``seed``, then ``extra`` and ``--opts``."""
+    overrides = ["SEED", seed, "OUTPUT_DIR", run_dir(args.output_dir, name, seed), *extra]
+    return scaled_cfg(os.path.join(REPO, CONFIG_DIR, METHODS[name]), args.iters, overrides, args.opts)
 
 
 def memory_budget(args) -> dict:

@@ -93,24 +93,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def method_cfg(config_file: str, train_set: str, test_set: str, iters: int, output_dir: str, opts) -> CfgNode:
-    """The method's packaged config, trained for ``iters`` (LR steps scaled) on ``train_set``, then ``opts``."""
-    cfg = load_config(os.path.join(CONFIG_DIR, config_file))
+def scaled_cfg(config_path: str, iters: int, overrides: list, opts) -> CfgNode:
+    """A packaged config trained for ``iters`` (LR steps scaled, checkpoints every 500, no periodic
+    evaluation), then ``overrides``, then the user's ``opts``; frozen."""
+    cfg = load_config(config_path)
     scale = iters / cfg.SOLVER.MAX_ITER
     cfg.merge_from_list(
         [
-            "DATASETS.TRAIN", (f"{train_set}_train",),
-            "DATASETS.TEST", (f"{test_set}_test",),
             "SOLVER.MAX_ITER", iters,
             "SOLVER.STEPS", tuple(max(1, int(s * scale)) for s in cfg.SOLVER.STEPS),
             "SOLVER.CHECKPOINT_PERIOD", min(iters, 500),  # CPU checkpoints are kilobytes; an interrupted run resumes
             "TEST.EVAL_PERIOD", 0,
-            "OUTPUT_DIR", output_dir,
+            *overrides,
         ]
     )
     cfg.merge_from_list(list(opts))
     cfg.freeze()
     return cfg
+
+
+def method_cfg(config_file: str, train_set: str, test_set: str, iters: int, output_dir: str, opts) -> CfgNode:
+    """The method's packaged config, trained for ``iters`` on ``train_set``, then ``opts``."""
+    overrides = ["DATASETS.TRAIN", (f"{train_set}_train",), "DATASETS.TEST", (f"{test_set}_test",), "OUTPUT_DIR", output_dir]
+    return scaled_cfg(os.path.join(CONFIG_DIR, config_file), iters, overrides, opts)
 
 
 def training_bytes(cfg: CfgNode) -> int:
