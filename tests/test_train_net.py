@@ -247,3 +247,5 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
     before = row_file.stat().st_mtime_ns
     again = bench.main(argv + opts)  # every run has a row: nothing is retrained
     assert row_file.stat().st_mtime_ns == before and again == rows
+    reported = bench.main(argv[:1] + ["RBP"] + argv[4:] + ["--report"] + opts)  # RBP never ran: nothing trains
+    assert reported == [] and not (tmp_path / "rbp_seed0").exists()

@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets (kept if present)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in a child process")
     p.add_argument("--rerun", action="store_true", help="retrain runs that already have a row.json")
+    p.add_argument("--report", action="store_true",
+                   help="write the summary, figures and table of the finished runs only, training none")
     p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
     return p.parse_args(argv)
 
@@ -254,7 +256,7 @@ def main(argv=None) -> list[dict]:
     budget = memory_budget(args)
     logger.info(f"memory budget: {json.dumps(budget)}")
     plan = planned_runs(args)
-    todo = [(m, s) for m, s in plan if args.rerun or load_row(args.output_dir, m, s) is None]
+    todo = [] if args.report else [(m, s) for m, s in plan if args.rerun or load_row(args.output_dir, m, s) is None]
     if todo and args.jobs > 1:
         run_child_jobs([child_job(m, s, args) for m, s in todo], args.jobs)
     else:
@@ -262,6 +264,9 @@ def main(argv=None) -> list[dict]:
             run(m, s, args, budget)
     rows = [row for row in (load_row(args.output_dir, m, s) for m, s in plan) if row is not None]
     if args.row_only:
+        return rows
+    if not rows:
+        logger.info(f"No finished runs in {args.output_dir} for {args.methods}; nothing to report.")
         return rows
     summary = summarise(rows, budget)
     ious = {(r["method"], r["seed"]): r["iou"] for r in rows}
