@@ -227,6 +227,7 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
     assert by_run[("BPTT at budget", 0)]["steps"] == budget["bptt_steps"]
     crbp = by_run[("C-RBP", 0)]
     assert crbp["inference"] == "fixed, 2 steps" and len(crbp["step_ious"]["4"]) == 3
+    assert 1 <= crbp["mean_steps"] <= 4  # Anderson's cell evaluations in training, capped by MAX_STEPS
     assert crbp["step_ious"]["4"][1] == pytest.approx(crbp["iou"], abs=1e-9)  # the evaluator's IoU after 2 steps
     assert set(crbp["diagnostics"]) >= {"spectral_norm", "max_column_sum", "relative_residual", "neumann_cap_hits"}
     # read back from metrics.json, which the writers fill every 20 iterations and at the end

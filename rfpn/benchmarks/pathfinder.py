@@ -176,7 +176,7 @@ def train_measured(name: str, config: str, cfg: CfgNode, fresh: bool) -> tuple[d
         "solver": rc.SOLVER if recurrent else "-",
         "steps": (rc.STEPS if rc.SOLVER == "fixed" else rc.MAX_STEPS) if recurrent else cfg.MODEL.PATHFINDER.FF_LAYERS,
         # cell evaluations per forward pass, averaged over the last 20% of training
-        "mean_steps": metric_mean(cfg.OUTPUT_DIR, steps_key, iters - iters // 5) if steps_key else None,
+        "mean_steps": metric_mean(cfg.OUTPUT_DIR, steps_key, iters - max(1, iters // 5)) if steps_key else None,
         "iters": iters,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
         "precision": resolve_precision(cfg).name,
