@@ -476,11 +476,13 @@ def plot_training_diagnostics(path: str, runs: Mapping[str, Mapping[str, Sequenc
     line at 1: above it the dynamics are locally expansive.
     """
     panels = (("spectral_norm", "spectral norm of dF/dh", True), ("max_column_sum", "max column sum of 1^T J", True),
-              ("relative_residual", "relative residual at the stop", False), ("neumann_cap_hits", "Neumann cap hits", False))
-    fig = Figure(figsize=(11, 6.5))
+              ("relative_residual", "relative residual at the stop", False),
+              ("neumann_terms", "Neumann terms summed (fewer: the series stopped shrinking)", False),
+              ("neumann_cap_hits", "Neumann cap hits (norm cap, non-finite)", False))
+    fig = Figure(figsize=(16, 6.5))
     methods = list(dict.fromkeys(name.split(",")[0] for name in runs))
     for i, (key, label, unit_line) in enumerate(panels, start=1):
-        ax = fig.add_subplot(2, 2, i)
+        ax = fig.add_subplot(2, 3, i)
         for name, curves in runs.items():
             points = curves.get(key) or []
             if points:
