@@ -250,3 +250,7 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
     assert row_file.stat().st_mtime_ns == before and again == rows
     reported = bench.main(argv[:1] + ["RBP"] + argv[4:] + ["--report"] + opts)  # RBP never ran: nothing trains
     assert reported == [] and not (tmp_path / "rbp_seed0").exists()
+
+    fresh_dir = tmp_path / "fresh"  # a new machine: the committed summary stands in for the finished runs
+    argv_fresh = argv[:-1] + [str(fresh_dir), "--report", "--previous", str(tmp_path / "benchmark_long_contours.json")]
+    assert bench.main(argv_fresh + opts) == rows

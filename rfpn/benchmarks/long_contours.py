@@ -16,7 +16,8 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   what unlimited memory buys) and the feed-forward control over ``--control-seeds``.
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
-without one, each from its last checkpoint); a row holds the test IoU, IoU on the longer sets,
+without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
+summary, such as the committed ``benchmarks/results/benchmark_long_contours.json``); a row holds the test IoU, IoU on the longer sets,
 IoU after every step 1..``--curve-steps`` on the first ``--curve-images`` test images of each set,
 the stability diagnostics logged during training (``DIAGNOSTICS.PERIOD`` in the configs: spectral
 norm, max column sum of ``1^T J``, relative residual, Neumann terms and cap hits), bytes saved for backward
@@ -87,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets (kept if present)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in a child process")
     p.add_argument("--rerun", action="store_true", help="retrain runs that already have a row.json")
+    p.add_argument("--previous", default=None,
+                   help="an earlier benchmark_long_contours.json (e.g. the committed one in benchmarks/results/): "
+                        "its runs with the same --iters count as finished")
     p.add_argument("--report", action="store_true",
                    help="write the summary, figures and table of the finished runs only, training none")
     p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
@@ -109,6 +113,18 @@ def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
     """The method's packaged config for ``--iters`` iterations and ``seed``, then ``extra`` and ``--opts``."""
     overrides = ["SEED", seed, "OUTPUT_DIR", run_dir(args.output_dir, name, seed), *extra]
     return scaled_cfg(os.path.join(REPO, CONFIG_DIR, METHODS[name]), args.iters, overrides, args.opts)
+
+
+def adopt_previous(path: str, args) -> int:
+    """Write the rows of an earlier summary with the same ``--iters`` into runs that have none; return how many."""
+    with open(path) as f:
+        previous = json.load(f)
+    adopted = 0
+    for row in previous.get("rows", []):
+        if row["iters"] == args.iters and row["method"] in METHODS and load_row(args.output_dir, row["method"], row["seed"]) is None:
+            write_json_atomic(os.path.join(run_dir(args.output_dir, row["method"], row["seed"]), "row.json"), row)
+            adopted += 1
+    return adopted
 
 
 def memory_budget(args) -> dict:
@@ -252,6 +268,8 @@ def main(argv=None) -> list[dict]:
     setup_logger(name="rfpn")
     os.makedirs(args.output_dir, exist_ok=True)
     prepare_sets(args)
+    if args.previous:
+        logger.info(f"{adopt_previous(args.previous, args)} finished runs taken from {args.previous}")
     budget = memory_budget(args)
     logger.info(f"memory budget: {json.dumps(budget)}")
     plan = planned_runs(args)
