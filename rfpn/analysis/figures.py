@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from .generalization import GeneralizationMatrix
 from .state_space import KSResult
@@ -458,6 +459,8 @@ def plot_long_contours(path: str, summary: Sequence[Mapping], budget: Mapping) -
     ax_mem.bar(x, [s["saved_bytes"] / 2**20 for s in summary], color="tab:orange")
     ax_mem.axhline(budget["crbp_bytes"] / 2**20, color="k", ls="--", lw=0.8, label="budget (C-RBP)")
     ax_mem.set_yscale("log")
+    ax_mem.yaxis.set_major_formatter(ScalarFormatter())
+    ax_mem.yaxis.set_minor_formatter(NullFormatter())
     ax_mem.set_ylabel("MiB saved for backward / iteration", fontsize=8)
     ax_mem.set_title(f"memory: {budget['bptt_steps']} BPTT steps fit the budget", fontsize=9)
     ax_mem.legend(fontsize=7)
