@@ -3,6 +3,7 @@ import dataclasses
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser
@@ -239,6 +240,7 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
     assert diff["differences"] == [by_run[("C-RBP", s)]["iou"] - by_run[("BPTT at budget", s)]["iou"] for s in (0, 1)]
     (crbp_summary,) = [s for s in summary["summary"] if s["method"] == "C-RBP"]
     assert crbp_summary["iou"]["runs"] == [by_run[("C-RBP", s)]["iou"] for s in (0, 1)]
+    assert crbp_summary["mean_steps"] == pytest.approx(np.mean([by_run[("C-RBP", s)]["mean_steps"] for s in (0, 1)]))
     assert crbp_summary["bptt_steps_in_same_bytes"] == pytest.approx(
         (budget["crbp_bytes"] - budget["bptt_base_bytes"]) / budget["bptt_bytes_per_step"])
     for png in ("long_contours.png", "long_contours_diagnostics.png", "long_contours_steps_4.png"):

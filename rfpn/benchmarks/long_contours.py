@@ -13,7 +13,8 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   trains with that many;
 - methods: C-RBP (residual-stopped, <= 60 steps), RBP (the same without the penalty) and BPTT at
   budget over ``--seeds``; BPTT-6 (the paper's memory-limited setting), BPTT-60 (C-RBP's step cap,
-  what unlimited memory buys) and the feed-forward control over ``--control-seeds``.
+  what unlimited memory buys), the feed-forward control and C-RBP with the LCP weight adapted by dual
+  ascent ("C-RBP auto", one factor changed) over ``--control-seeds``.
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
 without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
@@ -34,33 +35,32 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog
-from detectron2.utils.logger import setup_logger
 
 from rfpn.analysis.figures import plot_iou_vs_step, plot_long_contours, plot_training_diagnostics
 from rfpn.analysis.timecourse import dataset_step_ious
-from rfpn.benchmarks.pathfinder import contour_length_of, inference_description, scaled_cfg, train_measured, training_bytes
+from rfpn.benchmarks.pathfinder import (
+    contour_length_of, inference_description, scaled_cfg, start_benchmark, train_measured, training_bytes,
+    training_parser,
+)
 from rfpn.benchmarks.seeds import paired_difference, spread
-from rfpn.data.pathfinder import register_pathfinder
-from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.utils import run_cli
-from rfpn.utils.cli import tool_parser
 from rfpn.utils.events import metric_history
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
+TRAIN_SET = "pathfinder_cpu14"
 BUDGET_METHOD = "BPTT at budget"
 METHODS = {
     "C-RBP": "pfcpu14_hgru3x3_crbp.yaml",
+    "C-RBP auto": "pfcpu14_hgru3x3_crbp_auto.yaml",
     "RBP": "pfcpu14_hgru3x3_rbp.yaml",
     BUDGET_METHOD: "pfcpu14_hgru3x3_bptt_budget.yaml",
     "FF control": "pfcpu14_ff3x3_control.yaml",
@@ -73,27 +73,21 @@ logger = logging.getLogger("rfpn.benchmark_long_contours")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = tool_parser(
-        __doc__, threads=2, output_dir=os.path.join("output", "benchmark_long_contours"), copy_to_docs=True, opts=True,
-        helps={"threads": "torch threads in all (split between --jobs)", "copy_to_docs": "copy the PNGs to docs/figures/",
-               "opts": "KEY VALUE config overrides for every method"},
+    p = training_parser(
+        __doc__, os.path.join("output", "benchmark_long_contours"), list(METHODS), 3000,
+        threads_help="torch threads in all (split between --jobs)",
+        jobs_help="runs trained at once, each in a child process", rerun_help="retrain runs that already have a row.json",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of C-RBP, RBP and BPTT at budget")
     p.add_argument("--control-seeds", type=int, nargs="+", default=[0], help="seeds of the other methods")
-    p.add_argument("--iters", type=int, default=3000, help="training iterations of every run (equal budget)")
     p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu20"], help="longer-contour sets for generalisation")
     p.add_argument("--curve-steps", type=int, default=120, help="IoU is measured after every step up to this one")
     p.add_argument("--curve-images", type=int, default=250, help="test images of each set for the per-step IoU")
-    p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets (kept if present)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in a child process")
-    p.add_argument("--rerun", action="store_true", help="retrain runs that already have a row.json")
     p.add_argument("--previous", default=None,
                    help="an earlier benchmark_long_contours.json (e.g. the committed one in benchmarks/results/): "
                         "its runs with the same --iters count as finished")
     p.add_argument("--report", action="store_true",
                    help="write the summary, figures and table of the finished runs only, training none")
-    p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
     return p.parse_args(argv)
 
 
@@ -212,7 +206,7 @@ def summarise(rows: list[dict], budget: dict) -> list[dict]:
             "method": name,
             "config": runs[0]["config"],
             "steps": runs[0]["steps"],
-            "mean_steps": runs[0]["mean_steps"],
+            "mean_steps": None if runs[0]["mean_steps"] is None else float(np.mean([r["mean_steps"] for r in runs])),
             "seeds": [r["seed"] for r in runs],
             "iou": spread([r["iou"] for r in runs]),
             "generalisation": {n: spread([r["generalisation"][n] for r in runs]) for n in lengths},
@@ -250,24 +244,9 @@ def format_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def prepare_sets(args) -> None:
-    for name in ["pathfinder_cpu14", *args.test_sets]:
-        match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
-        if args.prepare and match:
-            prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1)]
-                               + (["--num-train", "0"] if name != "pathfinder_cpu14" else []))
-            register_pathfinder(name)
-        elif f"{name}_test" not in DatasetCatalog.list():
-            register_pathfinder(name)
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    setup_logger()
-    setup_logger(name="rfpn")
-    os.makedirs(args.output_dir, exist_ok=True)
-    prepare_sets(args)
+    start_benchmark(args, TRAIN_SET, args.test_sets, test_only_sets=True)
     if args.previous:
         logger.info(f"{adopt_previous(args.previous, args)} finished runs taken from {args.previous}")
     budget = memory_budget(args)
@@ -288,7 +267,7 @@ def main(argv=None) -> list[dict]:
     summary = summarise(rows, budget)
     ious = {(r["method"], r["seed"]): r["iou"] for r in rows}
     payload = {
-        "train_set": "pathfinder_cpu14", "iters": args.iters, "budget": budget, "summary": summary,
+        "train_set": TRAIN_SET, "iters": args.iters, "budget": budget, "summary": summary,
         "paired_iou_differences": [d for m, b in COMPARISONS if (d := paired_difference(ious, m, b)) is not None],
         "rows": rows,
     }

@@ -71,25 +71,54 @@ PAST_STEPS_METHODS = ("BPTT", "C-RBP", "Reversible", "Reversible additive")
 logger = logging.getLogger("rfpn.benchmark_pathfinder")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def training_parser(description: str, output_dir: str, methods: list[str], iters: int, *, threads_help: str,
+                    jobs_help: str, rerun_help: str) -> argparse.ArgumentParser:
+    """The flags every Pathfinder training benchmark shares: threads, output directory, figures copied to
+    ``docs/``, config overrides, methods, iterations, data preparation, parallel child jobs and reruns."""
     p = tool_parser(
-        __doc__, threads=2, output_dir=os.path.join("output", "benchmark_pathfinder"), copy_to_docs=True, opts=True,
-        helps={"threads": "torch threads per training process", "copy_to_docs": "copy the PNG to docs/figures/",
+        description, threads=2, output_dir=output_dir, copy_to_docs=True, opts=True,
+        helps={"threads": threads_help, "copy_to_docs": "copy the figures to docs/figures/",
                "opts": "KEY VALUE config overrides for every method"},
     )
-    p.add_argument("--iters", type=int, default=1500, help="training iterations of every method (equal budget)")
+    p.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
+    p.add_argument("--iters", type=int, default=iters, help="training iterations of every run (equal budget)")
+    p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
+    p.add_argument("--jobs", type=int, default=1, help=jobs_help)
+    p.add_argument("--rerun", action="store_true", help=rerun_help)
+    p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
+    return p
+
+
+def start_benchmark(args: argparse.Namespace, train_set: str, test_sets: list[str], test_only_sets: bool) -> None:
+    """Threads, loggers and output directory; then the sets: generated with ``--prepare`` (the
+    ``pathfinder_cpuN`` ones; ``test_only_sets``: no training images for the test sets), else registered."""
+    torch.set_num_threads(args.threads)
+    setup_logger()
+    setup_logger(name="rfpn")
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name in dict.fromkeys([train_set, *test_sets]):
+        match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
+        if args.prepare and match:
+            no_train = ["--num-train", "0"] if test_only_sets and name != train_set else []
+            prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1), *no_train])
+            register_pathfinder(name)  # again, with the metadata of the set on disk
+        elif f"{name}_test" not in DatasetCatalog.list():
+            register_pathfinder(name)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = training_parser(
+        __doc__, os.path.join("output", "benchmark_pathfinder"), list(METHODS), 1500,
+        threads_help="torch threads per training process",
+        jobs_help="methods trained at once, each in a child process with --threads // --jobs threads",
+        rerun_help="retrain methods that already have a row.json",
+    )
     p.add_argument("--train-set", default="pathfinder_cpu9", help="registered Pathfinder set to train and test on")
     p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu9", "pathfinder_cpu12", "pathfinder_cpu14"],
                    help="sets (longer contours) to test the BPTT and C-RBP models on")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="methods trained at once, each in a child process with --threads // --jobs threads")
-    p.add_argument("--rerun", action="store_true", help="retrain methods that already have a row.json")
     p.add_argument("--eval-only", action="store_true",
                    help="score the named methods' saved checkpoints again with their current config (test-time "
                         "settings such as TEST_SOLVER / TEST_STEPS), keeping the training measurements")
-    p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
     return p.parse_args(argv)
 
 
@@ -281,17 +310,7 @@ def _steps_used(row: dict) -> str:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    setup_logger()
-    setup_logger(name="rfpn")
-    os.makedirs(args.output_dir, exist_ok=True)
-    for name in dict.fromkeys([args.train_set, *args.test_sets]):
-        match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
-        if args.prepare and match:
-            prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1)])
-            register_pathfinder(name)  # again, with the metadata of the set on disk
-        elif f"{name}_test" not in DatasetCatalog.list():
-            register_pathfinder(name)
+    start_benchmark(args, args.train_set, args.test_sets, test_only_sets=False)
     todo = [n for n in args.methods if args.rerun or load_row(args.output_dir, n) is None]
     if args.eval_only:
         for name in args.methods:
