@@ -35,3 +35,12 @@ def test_rfpn_weights_load_through_model_weights_and_a_config_without_weights_na
         model_zoo.get_config("Pathfinder/pf14_hgru_crbp20.yaml", trained=True)
     with pytest.raises(FileNotFoundError, match="rfpn://Pathfinder/none.pth is not a shipped checkpoint"):
         CheckedCheckpointer(build_model(cfg)).load("rfpn://Pathfinder/none.pth")
+
+
+def test_published_contour_length_comes_from_the_config_test_set():
+    from rfpn.model_zoo.trained import contour_length
+
+    assert contour_length("Pathfinder/cpu/pfcpu9_hgru_jfb.yaml") == 9
+    assert contour_length("Pathfinder/cpu/pfcpu14_hgru3x3_crbp.yaml") == 14
+    with pytest.raises(ValueError, match="only models of the CPU Pathfinder sets"):
+        contour_length("Pathfinder/pf14_hgru_crbp20.yaml")

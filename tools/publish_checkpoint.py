@@ -3,7 +3,8 @@
 
 Copies the model weights of a finished run into ``rfpn/model_zoo/weights/`` and records in
 ``rfpn/model_zoo/trained.json`` the numbers of the run's benchmark row (``row.json`` of
-``tools/benchmark_pathfinder.py``), the file's SHA-256 and its IoU on the first 100 test images::
+``tools/benchmark_pathfinder.py`` or ``tools/benchmark_long_contours.py``), the file's SHA-256 and its
+IoU on the first 100 test images of the config's set::
 
     python tools/publish_checkpoint.py Pathfinder/cpu/pfcpu9_hgru_jfb.yaml output/benchmark_pathfinder/jfb/row.json
 """
@@ -28,7 +29,7 @@ def main(argv=None) -> dict:
     with open(args.row) as f:
         row = json.load(f)
     entry = {k: row[k] for k in ROW_KEYS if k in row}
-    entry.update(iou_1000=entry.pop("iou"), command=args.command, contour_length=9)
+    entry.update(iou_1000=entry.pop("iou"), command=args.command)
     record = publish(args.config, row["checkpoint"], entry)
     print(json.dumps({args.config: record}, indent=1))
     return record

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from detectron2.utils.file_io import PathHandler, PathManager
 
-__all__ = ["PREFIX", "RfpnHandler", "publish", "published", "sha256", "subset_iou", "weights_url"]
+__all__ = ["PREFIX", "RfpnHandler", "contour_length", "publish", "published", "sha256", "subset_iou", "weights_url"]
 
 PREFIX = "rfpn://"
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
@@ -98,12 +99,28 @@ def subset_iou(model: torch.nn.Module, contour_length: int = 9, count: int = 100
     return float(totals[0] / max(totals[1], 1))
 
 
+def contour_length(config_path: str) -> int:
+    """The contour length of the CPU Pathfinder set ``config_path`` tests on (``pathfinder_cpuN_test``)."""
+    from .model_zoo import get_config
+
+    test_set = get_config(config_path).DATASETS.TEST[0]
+    match = re.fullmatch(r"pathfinder_cpu(\d+)_test", test_set)
+    if match is None:
+        raise ValueError(
+            f"{config_path} tests on {test_set!r}; only models of the CPU Pathfinder sets (pathfinder_cpuN_test) ship "
+            "with rfpn, because their test images can be rendered in memory."
+        )
+    return int(match.group(1))
+
+
 def publish(config_path: str, checkpoint: str, entry: dict[str, Any]) -> dict[str, Any]:
     """Ship the model weights of ``checkpoint`` for ``config_path`` and record ``entry`` plus file, SHA-256, subset IoU."""
     from rfpn.engine.checkpoint import CheckedCheckpointer
     from rfpn.utils.jobs import write_json_atomic
 
     from .model_zoo import get
+
+    entry = dict(entry, contour_length=contour_length(config_path))
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     weights = {k: v.float() if v.is_floating_point() and v.dtype != torch.float64 else v for k, v in state["model"].items()}
@@ -116,7 +133,7 @@ def publish(config_path: str, checkpoint: str, entry: dict[str, Any]) -> dict[st
     model = get(config_path, device="cpu")
     CheckedCheckpointer(model).load(str(target))
     record = dict(entry, weights=PREFIX + rel.as_posix(), sha256=sha256(target), bytes=target.stat().st_size)
-    record["iou_first_100"] = subset_iou(model, entry.get("contour_length", 9))
+    record["iou_first_100"] = subset_iou(model, entry["contour_length"])
     manifest = published()
     manifest[config_path] = record
     write_json_atomic(str(MANIFEST), dict(sorted(manifest.items())))
