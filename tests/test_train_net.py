@@ -233,6 +233,7 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
     assert set(crbp["diagnostics"]) >= {"spectral_norm", "max_column_sum", "relative_residual", "neumann_cap_hits"}
     # read back from metrics.json, which the writers fill every 20 iterations and at the end
     assert [it for it, _ in crbp["diagnostics"]["spectral_norm"]] == [1]
+    assert crbp["diagnostics"]["penalty_weight"] == [[1, 10.0]]  # the fixed LCP weight of the config
     assert "step_ious" not in by_run[("FF control", 0)]
 
     (diff,) = [d for d in summary["paired_iou_differences"] if d["baseline"] == "BPTT at budget"]

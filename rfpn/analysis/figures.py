@@ -476,12 +476,14 @@ def plot_training_diagnostics(path: str, runs: Mapping[str, Mapping[str, Sequenc
     """Stability diagnostics over training, one panel per diagnostic and a line per run (``name, seed k``).
 
     Runs of one method share a colour. The spectral norm and the max column sum of ``1^T J`` get a
-    line at 1: above it the dynamics are locally expansive.
+    line at 1: above it the dynamics are locally expansive. The last panel is the LCP weight (fixed,
+    or adapted with ``LCP_WEIGHT_AUTO``).
     """
     panels = (("spectral_norm", "spectral norm of dF/dh", True), ("max_column_sum", "max column sum of 1^T J", True),
               ("relative_residual", "relative residual at the stop", False),
               ("neumann_terms", "Neumann terms summed (fewer: the series stopped shrinking)", False),
-              ("neumann_cap_hits", "Neumann cap hits (norm cap, non-finite)", False))
+              ("neumann_cap_hits", "Neumann cap hits (norm cap, non-finite)", False),
+              ("penalty_weight", "LCP weight xi", False))
     fig = Figure(figsize=(16, 6.5))
     methods = list(dict.fromkeys(name.split(",")[0] for name in runs))
     for i, (key, label, unit_line) in enumerate(panels, start=1):
@@ -494,7 +496,7 @@ def plot_training_diagnostics(path: str, runs: Mapping[str, Mapping[str, Sequenc
                         label=method if name.endswith(f"seed {_first_seed(runs, method)}") else None)
         if unit_line:
             ax.axhline(1.0, color="k", ls="--", lw=0.8)
-        if key == "relative_residual":
+        if key in ("relative_residual", "penalty_weight"):
             ax.set_yscale("log")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)

@@ -139,13 +139,20 @@ def run(name: str, seed: int, args, budget: dict) -> dict:
     row["iou"] = results["pathfinder"]["IoU"]
     row["inference"] = inference_description(cfg)
     row.update(evaluation(cfg, trainer.model, args))
-    row["diagnostics"] = {
-        key.rsplit("/", 1)[-1]: values for key, values in metric_history(cfg.OUTPUT_DIR, "diagnostics/").items()
-        if key != "diagnostics/time"
-    }
+    row["diagnostics"] = training_diagnostics(cfg.OUTPUT_DIR)
     logger.info(f"{name} seed {seed}: IoU {row['iou']:.3f}, generalisation {row['generalisation']}")
     write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "row.json"), row)
     return row
+
+
+def training_diagnostics(output_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """The stability diagnostics a run logged (``DIAGNOSTICS.PERIOD``) and its LCP weight xi, over training."""
+    out = {key.rsplit("/", 1)[-1]: values for key, values in metric_history(output_dir, "diagnostics/").items()
+           if key != "diagnostics/time"}
+    weight = metric_history(output_dir, "recurrent/penalty_weight").get("recurrent/penalty_weight")
+    if weight:
+        out["penalty_weight"] = weight
+    return out
 
 
 def evaluation(cfg: CfgNode, model: torch.nn.Module, args) -> dict:
