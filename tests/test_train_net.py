@@ -257,3 +257,18 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
     fresh_dir = tmp_path / "fresh"  # a new machine: the committed summary stands in for the finished runs
     argv_fresh = argv[:-1] + [str(fresh_dir), "--report", "--previous", str(tmp_path / "benchmark_long_contours.json")]
     assert bench.main(argv_fresh + opts) == rows
+
+
+def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():
+    import json
+
+    from rfpn.benchmarks import long_contours as bench
+
+    args = bench.parse_args(["--jobs", "2", "--threads", "2", "--output-dir", "out", "MODEL.RECURRENT.TOL", "1e-4"])
+    budget = {"crbp_bytes": 10, "bptt_bytes_per_step": 4, "bptt_base_bytes": 1, "bptt_steps": 2}
+    job = bench.child_job("BPTT at budget", 1, args, budget)
+    assert job.argv[1:3] == ["-m", "rfpn.benchmarks.long_contours"] and job.threads == 1
+    child = bench.parse_args(job.argv[3:])
+    assert (child.methods, child.seeds, child.row_only, child.output_dir) == (["BPTT at budget"], [1], True, "out")
+    assert json.loads(child.budget) == budget and child.opts == ["MODEL.RECURRENT.TOL", "1e-4"]
+    assert job.log_path == os.path.join("out", "bptt_at_budget_seed1", "benchmark.log")

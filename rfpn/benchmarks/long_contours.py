@@ -88,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "its runs with the same --iters count as finished")
     p.add_argument("--report", action="store_true",
                    help="write the summary, figures and table of the finished runs only, training none")
+    p.add_argument("--budget", default=None, help=argparse.SUPPRESS)  # a --jobs child: the parent's budget (JSON)
     return p.parse_args(argv)
 
 
@@ -177,11 +178,11 @@ def evaluation(cfg: CfgNode, model: torch.nn.Module, args) -> dict:
     return out
 
 
-def child_job(name: str, seed: int, args) -> ChildJob:
+def child_job(name: str, seed: int, args, budget: dict) -> ChildJob:
     threads = max(1, args.threads // args.jobs)
     argv = [
         sys.executable, "-m", __name__, "--methods", name, "--seeds", str(seed), "--control-seeds", str(seed),
-        "--row-only", "--iters", str(args.iters), "--test-sets", *args.test_sets, "--curve-steps", str(args.curve_steps),
+        "--row-only", "--budget", json.dumps(budget), "--iters", str(args.iters), "--test-sets", *args.test_sets, "--curve-steps", str(args.curve_steps),
         "--curve-images", str(args.curve_images), "--threads", str(threads), "--output-dir", args.output_dir,
         *(["--rerun"] if args.rerun else []), *args.opts,
     ]
@@ -256,12 +257,12 @@ def main(argv=None) -> list[dict]:
     start_benchmark(args, TRAIN_SET, args.test_sets, test_only_sets=True)
     if args.previous:
         logger.info(f"{adopt_previous(args.previous, args)} finished runs taken from {args.previous}")
-    budget = memory_budget(args)
+    budget = json.loads(args.budget) if args.budget else memory_budget(args)
     logger.info(f"memory budget: {json.dumps(budget)}")
     plan = planned_runs(args)
     todo = [] if args.report else [(m, s) for m, s in plan if args.rerun or load_row(args.output_dir, m, s) is None]
     if todo and args.jobs > 1:
-        run_child_jobs([child_job(m, s, args) for m, s in todo], args.jobs)
+        run_child_jobs([child_job(m, s, args, budget) for m, s in todo], args.jobs)
     else:
         for m, s in todo:
             run(m, s, args, budget)
