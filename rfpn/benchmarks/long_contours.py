@@ -182,8 +182,9 @@ def child_job(name: str, seed: int, args, budget: dict) -> ChildJob:
     threads = max(1, args.threads // args.jobs)
     argv = [
         sys.executable, "-m", __name__, "--methods", name, "--seeds", str(seed), "--control-seeds", str(seed),
-        "--row-only", "--budget", json.dumps(budget), "--iters", str(args.iters), "--test-sets", *args.test_sets, "--curve-steps", str(args.curve_steps),
-        "--curve-images", str(args.curve_images), "--threads", str(threads), "--output-dir", args.output_dir,
+        "--row-only", "--budget", json.dumps(budget), "--iters", str(args.iters), "--test-sets", *args.test_sets,
+        "--curve-steps", str(args.curve_steps), "--curve-images", str(args.curve_images), "--threads", str(threads),
+        "--output-dir", args.output_dir,
         *(["--rerun"] if args.rerun else []), *args.opts,
     ]
     return ChildJob(f"{name} seed {seed}", argv, os.path.join(run_dir(args.output_dir, name, seed), "benchmark.log"), threads)
