@@ -21,6 +21,8 @@ Variants (:data:`VARIANTS`), all the same cell and parameter count:
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,6 +41,7 @@ VARIANTS: dict[str, dict[str, float]] = {
     "damped": {"mu": 0.0, "s": 1.0, "damping": 0.6},
 }
 TASKS = ("digits", "permuted_digits", "adding")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,10 +138,11 @@ def _metric(model: SequenceModel, task: Task) -> float:
 
 
 def train_run(task: Task, variant: str, seed: int, iters: int, hidden: int = 64, batch: int = 64, lr: float = 1e-3,
-              eval_every: int = 25) -> RunResult:
-    """Train one variant with Adam from ``seed`` and evaluate every ``eval_every`` iterations."""
-    import time
+              eval_every: int = 25, log_every: int = 250) -> RunResult:
+    """Train one variant with Adam from ``seed`` and evaluate every ``eval_every`` iterations.
 
+    Every ``log_every`` iterations the ``rfpn.sequences`` logger reports the metric and the ETA.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SequenceModel(task.input_size, hidden, task.outputs, variant)
@@ -158,4 +162,8 @@ def train_run(task: Task, variant: str, seed: int, iters: int, hidden: int = 64,
             good = metric >= task.threshold if task.classification else metric <= task.threshold
             if good and reached is None:
                 reached = it
+        if it % log_every == 0 and curve:
+            elapsed = time.perf_counter() - start
+            logger.info(f"{task.name} {variant} seed {seed}: iter {it}/{iters}, metric {curve[-1][1]:.4f}, "
+                        f"ETA {elapsed / it * (iters - it) / 60:.1f} min")
     return RunResult(task.name, variant, seed, curve[-1][1], reached, curve, time.perf_counter() - start)

@@ -192,3 +192,25 @@ def test_sequence_tasks_and_variants_are_what_they_claim():
     assert [it for it, _ in result.curve] == [20, 40] and 0.0 <= result.final_metric <= 1.0
     with pytest.raises(ValueError, match="task='mnist' is not valid"):
         make_task("mnist")
+
+
+def test_sequence_benchmark_keeps_finished_runs_and_summarises_over_seeds(tmp_path, monkeypatch):
+    import json
+
+    from rfpn.benchmarks import momentum_sequences as bench
+
+    monkeypatch.setitem(bench.ITERS, "adding", 50)
+    common = ["--tasks", "adding", "--variants", "lstm", "momentum", "--hidden", "4", "--length", "10",
+              "--output-dir", str(tmp_path)]
+    rows = bench.main(common + ["--seeds", "0", "1"])
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("lstm", 2), ("momentum", 2)]
+    runs = json.loads((tmp_path / "momentum_sequences.json").read_text())["runs"]
+    lstm = [r["final_metric"] for r in runs if r["variant"] == "lstm"]
+    assert rows[0]["final_mean"] == pytest.approx(sum(lstm) / 2)
+    assert (tmp_path / "momentum_sequences.png").stat().st_size > 0
+    kept = tmp_path / "runs" / "adding_lstm_seed0.json"
+    record = json.loads(kept.read_text())
+    record["final_metric"] = 123.0  # a kept run is read back, not retrained
+    kept.write_text(json.dumps(record))
+    rows = bench.main(common + ["--seeds", "0"])
+    assert rows[0]["final_mean"] == 123.0

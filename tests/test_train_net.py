@@ -181,6 +181,25 @@ def test_benchmark_pathfinder_tests_reversible_rows_past_their_training_steps(ti
     assert row["iou_past_training_steps"]["steps"] == 6 and 0.0 <= row["iou_past_training_steps"]["iou"] <= 1.0
 
 
+def test_benchmark_pathfinder_momentum_rows_record_mu_and_step_and_run_past_their_training_steps(tiny_pathfinder, tmp_path):
+    from rfpn.benchmarks import pathfinder as bench
+
+    opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
+            "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2",
+            "MODEL.RECURRENT.STEPS", "2"]
+    rows = bench.main(["--iters", "2", "--train-set", tiny_pathfinder, "--test-sets", tiny_pathfinder, "--threads",
+                       "1", "--methods", "BPTT mu 0.9", "BPTT damped", "C-RBP mu 0.6", "--output-dir", str(tmp_path)]
+                      + opts + ["MODEL.RECURRENT.MAX_STEPS", "3", "MODEL.RECURRENT.TEST_STEPS", "2"])
+    by_name = {r["method"]: r for r in rows}
+    assert by_name["BPTT mu 0.9"]["config"].endswith("pfcpu9_hgru_bptt_mu09.yaml")
+    assert by_name["BPTT mu 0.9"]["momentum"] == {"mu": 0.9, "step": 0.6}
+    assert by_name["BPTT damped"]["momentum"] == {"mu": 0.0, "step": 0.6}
+    assert by_name["BPTT mu 0.9"]["iou_past_training_steps"]["steps"] == 6
+    crbp = by_name["C-RBP mu 0.6"]
+    assert crbp["grad"] == "crbp" and crbp["momentum"] == {"mu": 0.6, "step": 0.6}
+    assert crbp["inference"] == "fixed, 2 steps" and "iou_past_training_steps" not in crbp
+
+
 def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_one_from_scratch(tiny_pathfinder, tmp_path):
     from rfpn.benchmarks import pathfinder as bench
 

@@ -1,7 +1,8 @@
 """Pathfinder benchmark of the gradient methods at CPU scale (a documented command, not a test).
 
 Trains BPTT, C-BPTT, RBP, C-RBP, the feed-forward control and the other gradient methods (JFB,
-phantom gradients and their LCP variants, C-RBP with the automatic LCP weight) with the same budget
+phantom gradients and their LCP variants, C-RBP with the automatic LCP weight, the reversible
+couplings, BPTT and C-RBP with state momentum and its damped control) with the same budget
 (iterations, batch, data) and reports for each: test IoU (pooled contour IoU), recurrent steps, training memory
 (bytes autograd saves for backward in one training iteration, counted with
 ``rfpn.recurrent.saved_tensor_bytes``), and seconds per training iteration. Then it tests the
@@ -65,9 +66,16 @@ METHODS = {
     "Reversible": "pfcpu9_hgru_reversible.yaml",
     "Reversible additive": "pfcpu9_hgru_reversible_additive.yaml",
 }
+# state momentum (seed 003) with the step 0.6, and its control: the same step without momentum
+MOMENTUM_METHODS = {
+    f"{method} {variant}": f"pfcpu9_hgru_{prefix}_{suffix}.yaml"
+    for method, prefix in (("BPTT", "bptt"), ("C-RBP", "crbp"))
+    for variant, suffix in (("mu 0.3", "mu03"), ("mu 0.6", "mu06"), ("mu 0.9", "mu09"), ("damped", "damped"))
+}
+METHODS.update(MOMENTUM_METHODS)
 GENERALISATION_METHODS = ("BPTT", "C-RBP")
 # methods also tested with 3x their training steps: does the dynamics stay put past the steps it was trained for?
-PAST_STEPS_METHODS = ("BPTT", "C-RBP", "Reversible", "Reversible additive")
+PAST_STEPS_METHODS = ("BPTT", "C-RBP", "Reversible", "Reversible additive", *MOMENTUM_METHODS)
 logger = logging.getLogger("rfpn.benchmark_pathfinder")
 
 
@@ -213,6 +221,8 @@ def train_measured(name: str, config: str, cfg: CfgNode, fresh: bool) -> tuple[d
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
     }
+    if recurrent and (rc.MOMENTUM > 0 or rc.MOMENTUM_STEP < 1):
+        row["momentum"] = {"mu": rc.MOMENTUM, "step": rc.MOMENTUM_STEP}
     if trainer.start_iter > 0:
         row["resumed_from_iter"] = trainer.start_iter
     row.update(penalty_weight_history(trainer.storage, "recurrent", iters))
