@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 
@@ -35,7 +34,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 import rfpn  # noqa: F401  (registers datasets and models)
-from rfpn.data.pathfinder import register_pathfinder
+from rfpn.data.pathfinder import implied_preset, register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.engine.amp import resolve_precision
@@ -105,10 +104,10 @@ def start_benchmark(args: argparse.Namespace, train_set: str, test_sets: list[st
     setup_logger(name="rfpn")
     os.makedirs(args.output_dir, exist_ok=True)
     for name in dict.fromkeys([train_set, *test_sets]):
-        match = re.fullmatch(r"pathfinder_cpu(\d+)", name)
-        if args.prepare and match:
+        preset = implied_preset(name)
+        if args.prepare and preset is not None and preset[0] == "cpu":
             no_train = ["--num-train", "0"] if test_only_sets and name != train_set else []
-            prepare_pathfinder(["--preset", "cpu", "--contour-length", match.group(1), *no_train])
+            prepare_pathfinder(["--preset", "cpu", "--contour-length", str(preset[1]), *no_train])
             register_pathfinder(name)  # again, with the metadata of the set on disk
         elif f"{name}_test" not in DatasetCatalog.list():
             register_pathfinder(name)

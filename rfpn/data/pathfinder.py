@@ -30,6 +30,7 @@ from .pathfinder_generator import (
 
 __all__ = [
     "STANDARD_PATHFINDER_DATASETS",
+    "implied_preset",
     "register_pathfinder",
     "register_all_pathfinder",
     "load_pathfinder_dicts",
@@ -60,7 +61,7 @@ def _read_summary(name: str, root: str | None) -> dict | None:
         return None
 
 
-def _implied_preset(name: str) -> tuple[str, int] | None:
+def implied_preset(name: str) -> tuple[str, int] | None:
     """(preset, contour length) that a name such as ``pathfinder14`` or ``pathfinder_cpu9`` implies."""
     if name in STANDARD_PATHFINDER_DATASETS:
         return STANDARD_PATHFINDER_DATASETS[name]
@@ -78,7 +79,7 @@ def _make_command(name: str, root: str | None, summary: dict | None = None) -> s
                                    sizes["train"], sizes["test"], summary["seed"], root)
         except (KeyError, TypeError):
             pass
-    implied = _implied_preset(name)
+    implied = implied_preset(name)
     if implied is not None:
         return prepare_command(name, *implied, root=root)
     return prepare_command(name, "cpu", "<N>", root=root) + "  (choose --preset and --contour-length)"
@@ -150,8 +151,8 @@ def register_pathfinder(name: str, root: str | None = None) -> None:
     if summary is not None and isinstance(summary.get("settings"), dict):
         contour_length = summary["settings"].get("contour_length")
         image_size = summary["settings"].get("image_size")
-    elif _implied_preset(name) is not None:
-        preset, contour_length = _implied_preset(name)
+    elif implied_preset(name) is not None:
+        preset, contour_length = implied_preset(name)
         image_size = PRESETS[preset].image_size
     for split in SPLITS:
         key = f"{name}_{split}"

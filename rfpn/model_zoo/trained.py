@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +100,18 @@ def subset_iou(model: torch.nn.Module, contour_length: int = 9, count: int = 100
 
 def contour_length(config_path: str) -> int:
     """The contour length of the CPU Pathfinder set ``config_path`` tests on (``pathfinder_cpuN_test``)."""
+    from rfpn.data.pathfinder import implied_preset
+
     from .model_zoo import get_config
 
     test_set = get_config(config_path).DATASETS.TEST[0]
-    match = re.fullmatch(r"pathfinder_cpu(\d+)_test", test_set)
-    if match is None:
+    preset = implied_preset(test_set.removesuffix("_test")) if test_set.endswith("_test") else None
+    if preset is None or preset[0] != "cpu":
         raise ValueError(
             f"{config_path} tests on {test_set!r}; only models of the CPU Pathfinder sets (pathfinder_cpuN_test) ship "
             "with rfpn, because their test images can be rendered in memory."
         )
-    return int(match.group(1))
+    return preset[1]
 
 
 def publish(config_path: str, checkpoint: str, entry: dict[str, Any]) -> dict[str, Any]:
