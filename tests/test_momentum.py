@@ -214,3 +214,7 @@ def test_sequence_benchmark_keeps_finished_runs_and_summarises_over_seeds(tmp_pa
     kept.write_text(json.dumps(record))
     rows = bench.main(common + ["--seeds", "0"])
     assert rows[0]["final_mean"] == 123.0
+    other_length = [a if a != "10" else "12" for a in common]
+    rows = bench.main(other_length + ["--seeds", "0"])
+    assert rows[0]["final_mean"] != 123.0, "a run kept from another sequence length was reused"
+    assert json.loads(kept.read_text())["settings"] == {"iters": 50, "hidden": 4, "length": 12}

@@ -3,7 +3,8 @@
 Trains every variant of :mod:`rfpn.sequences` on every task with equal parameters, learning rate
 and iterations, and reports the final metric and the iterations to the task's threshold (accuracy
 0.8 on the digits, MSE 0.05 on the adding problem). Finished runs are kept as
-``<output-dir>/runs/<task>_<variant>_seed<N>.json``, so an interrupted benchmark resumes; each run
+``<output-dir>/runs/<task>_<variant>_seed<N>.json`` with the settings they were trained with, so an
+interrupted benchmark resumes (a kept run trained with other settings is trained again); each run
 logs its metric and ETA as it trains. Writes ``momentum_sequences.json`` and ``.png`` (learning
 curves, mean over seeds). The command line is ``tools/benchmark_momentum_sequences.py``::
 
@@ -43,6 +44,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--length", type=int, default=200, help="steps of the adding problem")
     return p.parse_args(argv)
+
+
+def run_settings(task: str, args: argparse.Namespace) -> dict:
+    """What a run's result depends on besides task, variant and seed; a kept run is reused only if they match."""
+    settings = {"iters": args.iters or ITERS[task], "hidden": args.hidden}
+    if task == "adding":
+        settings["length"] = args.length
+    return settings
+
+
+def kept_run(path: str, settings: dict) -> dict | None:
+    """The finished run at ``path`` if it was trained with ``settings``; ``None`` if absent or trained otherwise."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        run = json.load(f)
+    if run.get("settings") != settings:
+        logger.info(f"{path} was trained with {run.get('settings')}, not {settings}: training it again")
+        return None
+    return run
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -88,13 +109,15 @@ def main(argv=None) -> list[dict]:
         for seed in args.seeds:
             for variant in args.variants:
                 path = os.path.join(run_dir, f"{task_name}_{variant}_seed{seed}.json")
-                if not os.path.isfile(path):
-                    result = train_run(task, variant, seed, args.iters or ITERS[task_name], hidden=args.hidden)
-                    write_json_atomic(path, dataclasses.asdict(result))
+                settings = run_settings(task_name, args)
+                run = kept_run(path, settings)
+                if run is None:
+                    result = train_run(task, variant, seed, settings["iters"], hidden=args.hidden)
+                    run = dict(dataclasses.asdict(result), settings=settings)
+                    write_json_atomic(path, run)
                     logger.info(f"{task_name} {variant} seed {seed}: {result.final_metric:.4f}, threshold at "
                                 f"{result.iterations_to_threshold}, {result.seconds:.0f} s")
-                with open(path) as f:
-                    runs.append(json.load(f))
+                runs.append(run)
     rows = summarise(runs)
     png = plot_learning_curves(os.path.join(args.output_dir, "momentum_sequences.png"),
                                mean_curves(runs, args.tasks, args.variants), YLABELS)
