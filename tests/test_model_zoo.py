@@ -44,3 +44,16 @@ def test_published_contour_length_comes_from_the_config_test_set():
     assert contour_length("Pathfinder/cpu/pfcpu14_hgru3x3_crbp.yaml") == 14
     with pytest.raises(ValueError, match="only models of the CPU Pathfinder sets"):
         contour_length("Pathfinder/pf14_hgru_crbp20.yaml")
+
+
+def test_tools_load_a_shipped_checkpoint_by_its_rfpn_url_and_name_the_shipped_ones_for_a_wrong_one():
+    from rfpn.model_zoo import get_config_file
+    from rfpn.utils.models import load_eval_model
+
+    config = SHIPPED[0]
+    cfg, model = load_eval_model(get_config_file(config), published()[config]["weights"], ["MODEL.DEVICE", "cpu"])
+    assert not model.training and cfg.is_frozen()
+    with pytest.raises(FileNotFoundError, match=f"rfpn://Pathfinder/none.pth is not a shipped checkpoint.*{config}"):
+        load_eval_model(get_config_file(config), "rfpn://Pathfinder/none.pth")
+    with pytest.raises(FileNotFoundError, match="do not exist; train the model first"):
+        load_eval_model(get_config_file(config), "output/none/model_final.pth")

@@ -301,10 +301,15 @@ def test_benchmark_solvers_writes_json_and_png(tmp_path):
     from rfpn.benchmarks import solvers as bench
 
     bench.main(
-        ["--batch", "2", "--tols", "1e-2", "1e-4", "--repeats", "1", "--threads", "1", "--output-dir", str(tmp_path),
+        ["--batch", "2", "--tols", "1e-2", "1e-4", "--heavy-ball-grid", "0", "0.3", "--heavy-ball-steps", "1",
+         "--repeats", "1", "--threads", "1", "--output-dir", str(tmp_path),
          "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3"]
     )
     report = json.loads((tmp_path / "solvers.json").read_text())
+    grid = {(r["mu"], r["tol"]): r["evals"] for r in report["heavy_ball_grid"]}
+    plain = {r["tol"]: r["evals"] for r in report["results"] if r["solver"] == "iterate"}
+    assert set(grid) == {(mu, t) for mu in (0.0, 0.3) for t in (1e-2, 1e-4)}
+    assert grid[0.0, 1e-4] == plain[1e-4], "mu 0, s 1 is plain iteration"
     assert (tmp_path / "residual_vs_evals.png").stat().st_size > 0
     assert {(r["solver"], r["tol"]) for r in report["results"]} == {
         (s, t) for s in ("iterate", "anderson", "heavyball") for t in (1e-2, 1e-4)

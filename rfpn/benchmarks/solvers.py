@@ -51,11 +51,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--solvers", nargs="+", choices=SOLVERS, default=list(SOLVERS),
                         help="solvers to compare (heavyball picks its momentum by its rule: the first plain steps' contraction)")
     parser.add_argument("--repeats", type=int, default=3, help="timed solves per (solver, tol); the median is kept")
+    parser.add_argument("--heavy-ball-grid", type=float, nargs="+", default=[], metavar="MU",
+                        help="also count heavy ball's evaluations with fixed parameters, every MU with every "
+                             "--heavy-ball-steps S: the best any rule for choosing them could do on this model")
+    parser.add_argument("--heavy-ball-steps", type=float, nargs="+", default=[1.0], metavar="S",
+                        help="heavy-ball steps s of --heavy-ball-grid")
     args = parser.parse_args(argv)
     if args.weights and not args.config_file:
         parser.error("--weights needs the --config-file the checkpoint was trained with.")
     if args.batch < 1 or args.max_steps < 1 or args.repeats < 1 or any(t <= 0 for t in args.tols):
         parser.error("--batch, --max-steps and --repeats must be >= 1 and every --tols value > 0.")
+    if any(not 0 <= mu < 1 for mu in args.heavy_ball_grid) or any(step <= 0 for step in args.heavy_ball_steps):
+        parser.error("--heavy-ball-grid values must be in [0, 1) and --heavy-ball-steps values > 0.")
     return args
 
 
@@ -93,8 +100,10 @@ def capture_drive(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
-def solve(cell, drive: torch.Tensor, solver: str, tol: float, max_steps: int, m: int, trace: list | None = None):
-    """One timed solve; ``trace`` (if given) collects (seconds, batch-max relative residual) per evaluation."""
+def solve(cell, drive: torch.Tensor, solver: str, tol: float, max_steps: int, m: int, trace: list | None = None,
+          heavy_ball: tuple[float | None, float | None] = (None, None)):
+    """One timed solve; ``trace`` (if given) collects (seconds, batch-max relative residual) per evaluation;
+    ``heavy_ball`` is the ``heavyball`` solver's ``(mu, s)`` (``None``: its rule)."""
     from rfpn.recurrent import relative_residual, solve_fixed_point
 
     start = time.perf_counter()
@@ -106,7 +115,8 @@ def solve(cell, drive: torch.Tensor, solver: str, tol: float, max_steps: int, m:
         return out
 
     with torch.no_grad():
-        result = solve_fixed_point(step, cell.init_state(drive), solver, tol, max_steps, anderson_m=m)
+        result = solve_fixed_point(step, cell.init_state(drive), solver, tol, max_steps, anderson_m=m,
+                                   heavy_ball=heavy_ball)
     return result, time.perf_counter() - start
 
 
@@ -159,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
     return {
         "settings": {k: v for k, v in vars(args).items() if k not in ("copy_to_docs",)},
+        "heavy_ball_grid": heavy_ball_grid(cell, drive, args),
         "drive_shape": list(drive.shape),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
         "results": rows,
@@ -166,6 +177,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "speedup_over_iterate": speedups,
         "traces": {s: [{"wall_s": t, "max_relative_residual": r} for t, r in tr] for s, tr in traces.items()},
     }
+
+
+def heavy_ball_grid(cell, drive: torch.Tensor, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Evaluations of heavy ball with every fixed ``(mu, s)`` of ``--heavy-ball-grid`` x ``--heavy-ball-steps``, per tolerance."""
+    rows = []
+    for mu in args.heavy_ball_grid:
+        for step in args.heavy_ball_steps:
+            for tol in sorted(args.tols, reverse=True):
+                result, _ = solve(cell, drive, "heavyball", tol, args.max_steps, args.anderson_m, heavy_ball=(mu, step))
+                rows.append({"mu": mu, "step": step, "tol": tol, "evals": result.evals, "stop_reason": result.stop_reason})
+                logger.info("heavy ball mu %.2f s %.2f tol %.0e: %d evaluations (%s)", mu, step, tol, result.evals,
+                            result.stop_reason)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
 
 from rfpn.engine.checkpoint import CheckedCheckpointer
 
@@ -35,7 +36,8 @@ def load_eval_model(
 
     ``check`` may raise :class:`~rfpn.utils.cli.UsageError` for a config the calling tool cannot use.
     Raises ``UsageError`` for a bad config or a model of another ``meta_architecture``,
-    ``FileNotFoundError`` naming the training command for missing weights, and
+    ``FileNotFoundError`` naming the training command for missing weights (``weights`` may be a path or
+    a URL Detectron2's path manager resolves, such as a shipped ``rfpn://`` checkpoint), and
     :class:`~rfpn.engine.checkpoint.CheckpointError` for weights that are unreadable or of another model.
     """
     cfg = load_config(config_file, opts)
@@ -46,7 +48,7 @@ def load_eval_model(
         )
     if check is not None:
         check(cfg)
-    if not os.path.isfile(weights):
+    if not os.path.isfile(PathManager.get_local_path(weights)):  # rfpn:// names the shipped ones if absent
         raise FileNotFoundError(
             f"Weights {weights!r} do not exist; train the model first (tools/train_net.py --config-file {config_file})."
         )
