@@ -302,6 +302,8 @@ def plot_learning_curves(
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         ax.set_ylabel(ylabels.get(task, ""), fontsize=8)
+        if "MSE" in ylabels.get(task, ""):
+            ax.set_yscale("log")  # the adding problem's MSE falls by orders of magnitude once it is solved
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     fig.tight_layout()
