@@ -28,7 +28,7 @@ from rfpn.sequences import TASKS, VARIANTS, make_task, train_run
 from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 
-__all__ = ["ITERS", "main", "parse_args", "summarise"]
+__all__ = ["ITERS", "kept_run", "main", "mean_curves", "parse_args", "run_settings", "summarise"]
 
 ITERS = {"digits": 1500, "permuted_digits": 1500, "adding": 3000}
 # At 200 steps no variant left the trivial MSE (0.16) within 2,000 iterations, so iterations to the
