@@ -26,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 from rfpn.analysis.figures import plot_learning_curves
 from rfpn.sequences import TASKS, VARIANTS, make_task, train_run
 from rfpn.utils.cli import tool_parser
-from rfpn.utils.files import copy_to_docs, write_json_atomic
+from rfpn.utils.files import report_written, write_json_atomic
 
 __all__ = ["ITERS", "kept_run", "main", "mean_curves", "parse_args", "run_settings", "summarise"]
 
@@ -109,10 +109,10 @@ def main(argv=None) -> list[dict]:
     runs = []
     for task_name in args.tasks:
         task = make_task(task_name, args.length)
+        settings = run_settings(task_name, args)
         for seed in args.seeds:
             for variant in args.variants:
                 path = os.path.join(run_dir, f"{task_name}_{variant}_seed{seed}.json")
-                settings = run_settings(task_name, args)
                 run = kept_run(path, settings)
                 if run is None:
                     result = train_run(task, variant, seed, settings["iters"], hidden=args.hidden)
@@ -132,8 +132,5 @@ def main(argv=None) -> list[dict]:
         its = f"{r['iterations_to_threshold_mean']:.0f}" if r["iterations_to_threshold_mean"] is not None else "-"
         print(f"| {r['task']} | {r['variant']} | {r['seeds']} | {r['final_mean']:.3f} +- {r['final_std']:.3f} | "
               f"{r['reached']} | {its} |")
-    if args.copy_to_docs:
-        copy_to_docs(out, "momentum_sequences.json")
-        copy_to_docs(png, "momentum_sequences.png")
-    print(f"Wrote {out} and {png}")
+    report_written(out, png, to_docs=args.copy_to_docs)
     return rows

@@ -39,7 +39,7 @@ from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.engine.amp import resolve_precision
 from rfpn.analysis.figures import plot_pathfinder_benchmark, plot_penalty_weight_curves
-from rfpn.modeling.recurrent_core import penalty_weight_history
+from rfpn.modeling.recurrent_core import penalty_weight_history, uses_state_momentum
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
 from rfpn.utils.cli import load_config, tool_parser
@@ -220,7 +220,7 @@ def train_measured(name: str, config: str, cfg: CfgNode, fresh: bool) -> tuple[d
         "sec_per_iter": sec_per_iter,
         "checkpoint": os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
     }
-    if recurrent and (rc.MOMENTUM > 0 or rc.MOMENTUM_STEP < 1):
+    if recurrent and uses_state_momentum(rc):
         row["momentum"] = {"mu": rc.MOMENTUM, "step": rc.MOMENTUM_STEP}
     if trainer.start_iter > 0:
         row["resumed_from_iter"] = trainer.start_iter

@@ -12,6 +12,11 @@ from rfpn.config import recurrent_settings, validate_recurrent_config
 from rfpn.recurrent import AdditiveCouplingCell, ConvLSTMCell, HGRUCell, RecurrentDynamics, StateMomentumCell
 
 
+def uses_state_momentum(rc: CfgNode) -> bool:
+    """Whether ``MODEL.RECURRENT`` wraps the cell with state momentum (``MOMENTUM > 0`` or ``MOMENTUM_STEP < 1``)."""
+    return rc.MOMENTUM > 0 or rc.MOMENTUM_STEP < 1
+
+
 def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> RecurrentDynamics:
     """Cell and dynamics as configured; ``channels`` overrides ``MODEL.RECURRENT.CHANNELS``."""
     validate_recurrent_config(cfg)
@@ -28,7 +33,7 @@ def build_recurrent_dynamics(cfg: CfgNode, channels: int | None = None) -> Recur
         cell = AdditiveCouplingCell(make_cell, channels)
     else:
         cell = make_cell(channels)
-    if rc.MOMENTUM > 0 or rc.MOMENTUM_STEP < 1:
+    if uses_state_momentum(rc):
         cell = StateMomentumCell(cell, rc.MOMENTUM, rc.MOMENTUM_STEP)
     return RecurrentDynamics(
         cell,
