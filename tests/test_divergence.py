@@ -1,6 +1,7 @@
 """Divergence handling: NonFiniteGuardTrainer (raise / skip) and BackwardCapHook, on a tiny recurrent model."""
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 
@@ -191,6 +192,11 @@ def _skip_on_one_rank(rank: int, init_file: str, out_dir: str) -> None:
         snaps = _Snapshots(trainer).snaps
         trainer.train(0, 3)
         torch.save({"snaps": snaps, "skipped": trainer.skipped_batches}, f"{out_dir}/rank{rank}.pt")
+        # Tear down in lockstep: a rank that exits while the other's DDP reducer still holds the
+        # group can abort in gloo's destructor ("terminate called without an active exception").
+        dist.barrier()
+        del trainer, model, optimizer
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
