@@ -208,7 +208,7 @@ def test_sequence_benchmark_keeps_finished_runs_and_summarises_over_seeds(tmp_pa
     lstm = [r["final_metric"] for r in runs if r["variant"] == "lstm"]
     assert rows[0]["final_mean"] == pytest.approx(sum(lstm) / 2)
     assert (tmp_path / "momentum_sequences.png").stat().st_size > 0
-    kept = tmp_path / "runs" / "adding_lstm_seed0.json"
+    kept = tmp_path / "runs" / "adding_lstm_seed0" / "row.json"
     record = json.loads(kept.read_text())
     record["final_metric"] = 123.0  # a kept run is read back, not retrained
     kept.write_text(json.dumps(record))

@@ -53,6 +53,7 @@ from rfpn.utils import run_cli
 from rfpn.utils.events import metric_history
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
+from rfpn.utils.runs import load_run, run_dir, save_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
@@ -92,18 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_dir(out_root: str, name: str, seed: int) -> str:
-    return os.path.join(out_root, f"{name.replace(' ', '_').lower()}_seed{seed}")
-
-
-def load_row(out_root: str, name: str, seed: int) -> dict | None:
-    path = os.path.join(run_dir(out_root, name, seed), "row.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
     """The method's packaged config for ``--iters`` iterations and ``seed``, then ``extra`` and ``--opts``."""
     overrides = ["SEED", seed, "OUTPUT_DIR", run_dir(args.output_dir, name, seed), *extra]
@@ -116,8 +105,8 @@ def adopt_previous(path: str, args) -> int:
         previous = json.load(f)
     adopted = 0
     for row in previous.get("rows", []):
-        if row["iters"] == args.iters and row["method"] in METHODS and load_row(args.output_dir, row["method"], row["seed"]) is None:
-            write_json_atomic(os.path.join(run_dir(args.output_dir, row["method"], row["seed"]), "row.json"), row)
+        if row["iters"] == args.iters and row["method"] in METHODS and load_run(args.output_dir, row["method"], row["seed"]) is None:
+            save_run(args.output_dir, row, row["method"], row["seed"])
             adopted += 1
     return adopted
 
@@ -134,7 +123,7 @@ def memory_budget(args) -> dict:
 def run(name: str, seed: int, args, budget: dict) -> dict:
     extra = ["MODEL.RECURRENT.STEPS", budget["bptt_steps"]] if name == BUDGET_METHOD else []
     cfg = method_cfg(name, seed, args, extra)
-    fresh = args.rerun and load_row(args.output_dir, name, seed) is not None
+    fresh = args.rerun and load_run(args.output_dir, name, seed) is not None
     row, trainer, results = train_measured(name, os.path.join(CONFIG_DIR, METHODS[name]), cfg, fresh=fresh)
     row["seed"] = seed
     row["iou"] = results["pathfinder"]["IoU"]
@@ -142,7 +131,7 @@ def run(name: str, seed: int, args, budget: dict) -> dict:
     row.update(evaluation(cfg, trainer.model, args))
     row["diagnostics"] = training_diagnostics(cfg.OUTPUT_DIR)
     logger.info(f"{name} seed {seed}: IoU {row['iou']:.3f}, generalisation {row['generalisation']}")
-    write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "row.json"), row)
+    save_run(args.output_dir, row, name, seed)
     return row
 
 
@@ -260,14 +249,15 @@ def main(argv=None) -> list[dict]:
         logger.info(f"{adopt_previous(args.previous, args)} finished runs taken from {args.previous}")
     budget = json.loads(args.budget) if args.budget else memory_budget(args)
     logger.info(f"memory budget: {json.dumps(budget)}")
-    plan = planned_runs(args)
-    todo = [] if args.report else [(m, s) for m, s in plan if args.rerun or load_row(args.output_dir, m, s) is None]
+    plan, finished = planned_runs(args), {"iters": args.iters}
+    todo = [] if args.report else [(m, s) for m, s in plan
+                                   if args.rerun or load_run(args.output_dir, m, s, match=finished) is None]
     if todo and args.jobs > 1:
         run_child_jobs([child_job(m, s, args, budget) for m, s in todo], args.jobs)
     else:
         for m, s in todo:
             run(m, s, args, budget)
-    rows = [row for row in (load_row(args.output_dir, m, s) for m, s in plan) if row is not None]
+    rows = [row for row in (load_run(args.output_dir, m, s, match=finished) for m, s in plan) if row is not None]
     if args.row_only:
         return rows
     if not rows:

@@ -3,7 +3,7 @@
 Trains every variant of :mod:`rfpn.sequences` on every task with equal parameters, learning rate
 and iterations, and reports the final metric and the iterations to the task's threshold (accuracy
 0.8 on the digits, MSE 0.05 on the adding problem). Finished runs are kept as
-``<output-dir>/runs/<task>_<variant>_seed<N>.json`` with the settings they were trained with, so an
+``<output-dir>/runs/<task>_<variant>_seed<N>/row.json`` with the settings they were trained with, so an
 interrupted benchmark resumes (a kept run trained with other settings is trained again); each run
 logs its metric and ETA as it trains. Writes ``momentum_sequences.json`` and ``.png`` (learning
 curves, mean over seeds). The command line is ``tools/benchmark_momentum_sequences.py``::
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import statistics
@@ -27,8 +26,9 @@ from rfpn.analysis.figures import plot_learning_curves
 from rfpn.sequences import TASKS, VARIANTS, make_task, train_run
 from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import report_written, write_json_atomic
+from rfpn.utils.runs import load_run, save_run
 
-__all__ = ["ITERS", "kept_run", "main", "mean_curves", "parse_args", "run_settings", "summarise"]
+__all__ = ["ITERS", "main", "mean_curves", "parse_args", "run_settings", "summarise"]
 
 ITERS = {"digits": 1500, "permuted_digits": 1500, "adding": 3000}
 # At 200 steps no variant left the trivial MSE (0.16) within 2,000 iterations, so iterations to the
@@ -55,18 +55,6 @@ def run_settings(task: str, args: argparse.Namespace) -> dict:
     if task == "adding":
         settings["length"] = args.length
     return settings
-
-
-def kept_run(path: str, settings: dict) -> dict | None:
-    """The finished run at ``path`` if it was trained with ``settings``; ``None`` if absent or trained otherwise."""
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        run = json.load(f)
-    if run.get("settings") != settings:
-        logger.info(f"{path} was trained with {run.get('settings')}, not {settings}: training it again")
-        return None
-    return run
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -104,20 +92,18 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     setup_logger(name="rfpn")
-    run_dir = os.path.join(args.output_dir, "runs")
-    os.makedirs(run_dir, exist_ok=True)
+    kept = os.path.join(args.output_dir, "runs")
     runs = []
     for task_name in args.tasks:
         task = make_task(task_name, args.length)
         settings = run_settings(task_name, args)
         for seed in args.seeds:
             for variant in args.variants:
-                path = os.path.join(run_dir, f"{task_name}_{variant}_seed{seed}.json")
-                run = kept_run(path, settings)
+                run = load_run(kept, f"{task_name} {variant}", seed, match={"settings": settings})
                 if run is None:
                     result = train_run(task, variant, seed, settings["iters"], hidden=args.hidden)
                     run = dict(dataclasses.asdict(result), settings=settings)
-                    write_json_atomic(path, run)
+                    save_run(kept, run, f"{task_name} {variant}", seed)
                     logger.info(f"{task_name} {variant} seed {seed}: {result.final_metric:.4f}, threshold at "
                                 f"{result.iterations_to_threshold}, {result.seconds:.0f} s")
                 runs.append(run)

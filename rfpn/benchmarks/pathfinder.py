@@ -46,6 +46,7 @@ from rfpn.utils.cli import load_config, tool_parser
 from rfpn.utils.events import metric_history, metric_mean
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
+from rfpn.utils.runs import load_run, run_dir, save_run
 from rfpn.utils.models import build_eval_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -164,23 +165,6 @@ def training_bytes(cfg: CfgNode) -> int:
     return counter.forward_bytes
 
 
-def method_dir(out_root: str, name: str) -> str:
-    return os.path.join(out_root, name.replace(" ", "_").lower())
-
-
-def load_row(out_root: str, name: str) -> dict | None:
-    path = os.path.join(method_dir(out_root, name), "row.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def save_row(out_root: str, row: dict) -> None:
-    """Write the row atomically: a half-written file must never count as a finished method."""
-    write_json_atomic(os.path.join(method_dir(out_root, row["method"]), "row.json"), row)
-
-
 def contour_length_of(test_set: str) -> int | str:
     """The contour length of a registered Pathfinder set (its name when the metadata lacks it)."""
     return MetadataCatalog.get(f"{test_set}_test").get("contour_length", None) or test_set
@@ -229,15 +213,15 @@ def train_measured(name: str, config: str, cfg: CfgNode, fresh: bool) -> tuple[d
 
 
 def run_method(name: str, args, out_root: str) -> dict:
-    out = method_dir(out_root, name)
+    out = run_dir(out_root, name)
     cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, out, args.opts)
     # a run without a row was interrupted: go on from its last checkpoint; one with a row is retrained (--rerun)
     row, trainer, results = train_measured(
-        name, os.path.join("configs", "Pathfinder", "cpu", METHODS[name]), cfg, fresh=load_row(out_root, name) is not None
+        name, os.path.join("configs", "Pathfinder", "cpu", METHODS[name]), cfg, fresh=load_run(out_root, name) is not None
     )
     row.update(evaluation(name, args, cfg, trainer.model, results["pathfinder"]["IoU"]))
     logger.info(f"{name}: {json.dumps({k: v for k, v in row.items() if k != 'checkpoint'})}")
-    save_row(out_root, row)
+    save_run(out_root, row, name)
     return row
 
 
@@ -284,16 +268,17 @@ def inference_description(cfg: CfgNode) -> str:
 
 def reevaluate(name: str, args, out_root: str) -> dict:
     """Score a finished method's checkpoint again with the current config; training numbers are kept."""
-    row = load_row(out_root, name)
+    row = load_run(out_root, name, match={"iters": args.iters})
     if row is None or not os.path.isfile(row["checkpoint"]):
         raise FileNotFoundError(
-            f"{name} has no finished run in {method_dir(out_root, name)}; train it first (drop --eval-only)."
+            f"{name} has no finished run of {args.iters} iterations in {run_dir(out_root, name)}; train it first "
+            "(drop --eval-only)."
         )
-    cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, method_dir(out_root, name), args.opts)
+    cfg = method_cfg(METHODS[name], args.train_set, args.train_set, args.iters, run_dir(out_root, name), args.opts)
     model = build_eval_model(cfg, row["checkpoint"])
     row.update(evaluation(name, args, cfg, model))
     logger.info(f"{name} re-evaluated: {json.dumps({k: row[k] for k in ('iou', 'generalisation', 'inference')})}")
-    save_row(out_root, row)
+    save_run(out_root, row, name)
     return row
 
 
@@ -305,7 +290,7 @@ def child_job(name: str, args) -> ChildJob:
         "--iters", str(args.iters), "--train-set", args.train_set, "--test-sets", *args.test_sets,
         "--threads", str(threads), "--output-dir", args.output_dir, *args.opts,
     ]
-    return ChildJob(name, argv, os.path.join(method_dir(args.output_dir, name), "benchmark.log"), threads)
+    return ChildJob(name, argv, os.path.join(run_dir(args.output_dir, name), "benchmark.log"), threads)
 
 
 def _past_steps(row: dict) -> str:
@@ -320,7 +305,8 @@ def _steps_used(row: dict) -> str:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     start_benchmark(args, args.train_set, args.test_sets, test_only_sets=False)
-    todo = [n for n in args.methods if args.rerun or load_row(args.output_dir, n) is None]
+    finished = {"iters": args.iters}
+    todo = [n for n in args.methods if args.rerun or load_run(args.output_dir, n, match=finished) is None]
     if args.eval_only:
         for name in args.methods:
             reevaluate(name, args, args.output_dir)
@@ -329,7 +315,7 @@ def main(argv=None) -> list[dict]:
     else:
         for name in todo:
             run_method(name, args, args.output_dir)
-    rows = [row for row in (load_row(args.output_dir, n) for n in METHODS) if row is not None]  # all finished
+    rows = [row for row in (load_run(args.output_dir, n, match=finished) for n in METHODS) if row is not None]  # all finished
     if args.row_only:
         return rows
     json_path = os.path.join(args.output_dir, "benchmark_pathfinder.json")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -51,6 +52,7 @@ from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
+from rfpn.utils.runs import load_run, run_dir, save_run
 
 logger = logging.getLogger("rfpn.benchmark_rfpn")
 
@@ -110,7 +112,7 @@ def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[st
             "SOLVER.WARMUP_ITERS", min(50, args.iters // 5),
             "SOLVER.CHECKPOINT_PERIOD", 10 * args.iters,
             "DATALOADER.NUM_WORKERS", 0,
-            "OUTPUT_DIR", str(run_dir(args, key, seed)),
+            "OUTPUT_DIR", run_dir(args.output_dir, key, seed),
             "SEED", seed,
         ]
     )
@@ -154,8 +156,7 @@ def train_and_evaluate(key: str, seed: int, args: argparse.Namespace) -> dict[st
         **penalty_weight_history(trainer.storage, "mask_head", args.iters),
     }
     logger.info("%s: %s", label, json.dumps(row))
-    run_dir(args, key, seed).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(str(run_dir(args, key, seed) / "row.json"), row)  # finished runs survive an interruption
+    save_run(args.output_dir, row, key, seed)  # finished runs survive an interruption
     return row
 
 
@@ -187,19 +188,6 @@ def memory_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def run_dir(args: argparse.Namespace, key: str, seed: int) -> Path:
-    return Path(args.output_dir) / f"{key}_seed{seed}"
-
-
-def load_run(args: argparse.Namespace, key: str, seed: int) -> dict | None:
-    """The row a finished run saved in its own directory (None if it has not finished)."""
-    path = run_dir(args, key, seed) / "row.json"
-    if not path.is_file():
-        return None
-    row = json.loads(path.read_text())
-    return row if row["iters"] == args.iters else None
-
-
 def child_job(args: argparse.Namespace, key: str, seed: int) -> ChildJob:
     """One (model, seed) run of this module in a child process with one thread."""
     argv = [
@@ -207,7 +195,7 @@ def child_job(args: argparse.Namespace, key: str, seed: int) -> ChildJob:
         "--iters", str(args.iters), "--data-root", str(args.data_root), "--output-dir", str(args.output_dir),
         "--threads", "1",
     ]
-    return ChildJob(f"{key} seed {seed}", argv, str(run_dir(args, key, seed) / "benchmark.log"), threads=1)
+    return ChildJob(f"{key} seed {seed}", argv, os.path.join(run_dir(args.output_dir, key, seed), "benchmark.log"), threads=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,13 +240,14 @@ def main(argv: list[str] | None = None) -> None:
         register_synthetic_panoptic(DATASET_NAME, str(args.data_root))
         done = {(r["key"], r["seed"]) for r in rows}
         todo = [(key, seed) for seed in args.seeds for key in args.models if (key, seed) not in done]
-        pending = [(key, seed) for key, seed in todo if load_run(args, key, seed) is None]
+        finished = {"iters": args.iters}
+        pending = [(key, seed) for key, seed in todo if load_run(args.output_dir, key, seed, match=finished) is None]
         if args.jobs > 1:
             run_child_jobs([child_job(args, key, seed) for key, seed in pending], args.jobs)
         else:
             for key, seed in pending:
                 train_and_evaluate(key, seed, args)
-        rows += [load_run(args, key, seed) for key, seed in todo]
+        rows += [load_run(args.output_dir, key, seed, match=finished) for key, seed in todo]
     write_json_atomic(str(out), payload(args, rows, sweep))  # every finished run at these iterations
     plot_rfpn_benchmark(str(output_dir / "benchmark_rfpn.png"), summarise(rows), sweep)
     curves = {f"{r['model']}, seed {r['seed']}": r["curves"] for r in rows if r.get("curves")}
