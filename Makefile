@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python tools/run_demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 tests
 
 benchmark-memory: $(STAMP)
 	$(BIN)/python tools/benchmark_memory.py
