@@ -57,3 +57,32 @@ def test_tools_load_a_shipped_checkpoint_by_its_rfpn_url_and_name_the_shipped_on
         load_eval_model(get_config_file(config), "rfpn://Pathfinder/none.pth")
     with pytest.raises(FileNotFoundError, match="do not exist; train the model first"):
         load_eval_model(get_config_file(config), "output/none/model_final.pth")
+
+
+def test_publishing_a_run_ships_float32_weights_and_records_its_numbers(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from rfpn.model_zoo import trained
+
+    config = "Pathfinder/cpu/pfcpu14_ff3x3_control.yaml"
+    entry = published()[config]
+    shipped = WEIGHTS_ROOT / entry["weights"][len(PREFIX):]
+    state = torch.load(shipped, map_location="cpu")
+    run = tmp_path / "run" / "model_final.pth"  # as training leaves it: bf16 weights, trainer state beside them
+    run.parent.mkdir()
+    torch.save({"model": {k: v.bfloat16() for k, v in state["model"].items()}, "iteration": 2999}, run)
+    monkeypatch.setattr(trained, "WEIGHTS_ROOT", tmp_path / "weights")
+    monkeypatch.setattr(trained, "MANIFEST", tmp_path / "trained.json")
+
+    record = trained.publish(config, str(run), {"method": "FF control", "iou_1000": 0.5})
+    target = tmp_path / "weights" / "Pathfinder" / "cpu" / "pfcpu14_ff3x3_control.pth"
+    saved = torch.load(target, map_location="cpu")
+    assert set(saved) == {"model"} and all(v.dtype == torch.float32 for v in saved["model"].values())
+    assert record["weights"] == PREFIX + "Pathfinder/cpu/pfcpu14_ff3x3_control.pth"
+    assert record["sha256"] == sha256(target) and record["bytes"] == target.stat().st_size
+    assert (record["method"], record["iou_1000"], record["contour_length"]) == ("FF control", 0.5, 14)
+    assert record["iou_first_100"] == pytest.approx(entry["iou_first_100"], abs=0.01)  # bf16 rounding
+    assert json.loads((tmp_path / "trained.json").read_text()) == {config: record}
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary left behind

@@ -117,7 +117,7 @@ def contour_length(config_path: str) -> int:
 def publish(config_path: str, checkpoint: str, entry: dict[str, Any]) -> dict[str, Any]:
     """Ship the model weights of ``checkpoint`` for ``config_path`` and record ``entry`` plus file, SHA-256, subset IoU."""
     from rfpn.engine.checkpoint import CheckedCheckpointer
-    from rfpn.utils.jobs import write_json_atomic
+    from rfpn.utils.files import atomic_write, write_json_atomic
 
     from .model_zoo import get
 
@@ -127,10 +127,7 @@ def publish(config_path: str, checkpoint: str, entry: dict[str, Any]) -> dict[st
     weights = {k: v.float() if v.is_floating_point() and v.dtype != torch.float64 else v for k, v in state["model"].items()}
     rel = Path(config_path).with_suffix(".pth")
     target = WEIGHTS_ROOT / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".pth.tmp-{os.getpid()}")
-    torch.save({"model": weights}, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda f: torch.save({"model": weights}, f))
     model = get(config_path, device="cpu")
     CheckedCheckpointer(model).load(str(target))
     record = dict(entry, weights=PREFIX + rel.as_posix(), sha256=sha256(target), bytes=target.stat().st_size)
