@@ -169,9 +169,21 @@ def test_benchmark_pathfinder_trains_then_eval_only_rescores_with_new_test_setti
         bench.main(common[:-4] + ["--methods", "BPTT", "--output-dir", str(tmp_path), "--eval-only"] + opts)
 
 
-def test_benchmark_pathfinder_tests_reversible_rows_past_their_training_steps(tiny_pathfinder, tmp_path):
+def _record_test_steps(bench, monkeypatch) -> list[list[int]]:
+    """Patch the benchmark's Trainer.test to record the inference steps of every model it evaluates."""
+    from rfpn.engine.hooks import find_dynamics
+
+    calls, test = [], bench.Trainer.test
+    monkeypatch.setattr(bench.Trainer, "test", classmethod(lambda cls, cfg, model, evaluators=None: (
+        calls.append([d.test_steps or d.steps for d in find_dynamics(model).values()]),
+        test(cfg, model, evaluators))[1]))
+    return calls
+
+
+def test_benchmark_pathfinder_tests_reversible_rows_past_their_training_steps(tiny_pathfinder, tmp_path, monkeypatch):
     from rfpn.benchmarks import pathfinder as bench
 
+    calls = _record_test_steps(bench, monkeypatch)
     opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
             "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2",
             "MODEL.RECURRENT.STEPS", "2"]
@@ -179,6 +191,7 @@ def test_benchmark_pathfinder_tests_reversible_rows_past_their_training_steps(ti
                          "1", "--methods", "Reversible additive", "--output-dir", str(tmp_path)] + opts)
     assert row["grad"] == "reversible" and row["inference"] == "fixed, 2 steps"
     assert row["iou_past_training_steps"]["steps"] == 6 and 0.0 <= row["iou_past_training_steps"]["iou"] <= 1.0
+    assert calls[-2:] == [[2], [6]], "the past-steps test did not run the model for 3x its steps"
 
 
 def test_benchmark_pathfinder_momentum_rows_record_mu_and_step_and_run_past_their_training_steps(tiny_pathfinder, tmp_path):

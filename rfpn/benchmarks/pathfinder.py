@@ -251,7 +251,9 @@ def evaluation(name: str, args, cfg: CfgNode, model: torch.nn.Module, iou: float
         past_cfg.defrost()
         past_cfg.MODEL.RECURRENT.TEST_SOLVER, past_cfg.MODEL.RECURRENT.TEST_STEPS = "fixed", past
         past_cfg.DATASETS.TEST = (f"{args.train_set}_test",)
-        result["iou_past_training_steps"] = {"steps": past, "iou": Trainer.test(past_cfg, model)["pathfinder"]["IoU"]}
+        past_model = build_eval_model(past_cfg, weights="")  # the test steps are fixed when the model is built
+        past_model.load_state_dict(model.state_dict())
+        result["iou_past_training_steps"] = {"steps": past, "iou": Trainer.test(past_cfg, past_model)["pathfinder"]["IoU"]}
     return result
 
 
