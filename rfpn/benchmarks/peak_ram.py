@@ -44,8 +44,8 @@ STEM_GOAL_RATIO = 1 / 8  # streaming RNNPool stem vs ResNet stem at 800x1333
 RSS_GOAL = 0.15  # liveness vs fresh-process peak RSS increase
 RSS_MIN_BYTES = 16 * 2**20  # below this, RSS is dominated by what the trace cannot see (first-call kernel buffers, heap growth)
 WARMUP_SIZE = 64  # a first inference at this size initialises lazy state before the RSS is measured
-# glibc then maps every block of 16 KiB or more on its own and unmaps it when freed, so the RSS follows
-# the live blocks; by default it keeps freed small blocks in its heap (about 3 MiB for the streaming stem)
+# with this environment glibc maps every block of 16 KiB or more on its own and unmaps it when freed, so
+# the RSS follows the live blocks; by default it keeps freed blocks in its heap (about 3 MiB for the streaming stem)
 MMAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "16384"}
 
 
