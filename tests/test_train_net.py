@@ -233,7 +233,7 @@ def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_o
     assert "resumed_from_iter" not in retrained
 
 
-def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder, tmp_path):
+def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder, tmp_path, monkeypatch):
     """BPTT at budget trains with the most steps whose bytes fit C-RBP's; rows carry curves and diagnostics."""
     import json
 
@@ -288,7 +288,9 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
 
     fresh_dir = tmp_path / "fresh"  # a new machine: the committed summary stands in for the finished runs
     argv_fresh = argv[:-1] + [str(fresh_dir), "--report", "--previous", str(tmp_path / "benchmark_long_contours.json")]
+    monkeypatch.setattr(bench, "memory_budget", lambda args: pytest.fail("the budget is in the previous summary"))
     assert bench.main(argv_fresh + opts) == rows
+    assert json.loads((fresh_dir / "benchmark_long_contours.json").read_text())["budget"] == budget
 
 
 def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():

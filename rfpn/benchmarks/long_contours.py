@@ -99,8 +99,12 @@ def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
     return scaled_cfg(os.path.join(REPO, CONFIG_DIR, METHODS[name]), args.iters, overrides, args.opts)
 
 
-def adopt_previous(path: str, args) -> int:
-    """Write the rows of an earlier summary with the same ``--iters`` into runs that have none; return how many."""
+def adopt_previous(path: str, args) -> tuple[int, dict | None]:
+    """Write the rows of an earlier summary with the same ``--iters`` into runs that have none.
+
+    Returns how many rows were adopted and the earlier summary's memory budget (None when it has
+    none), which the adopted rows were trained under, so it need not be measured again.
+    """
     with open(path) as f:
         previous = json.load(f)
     adopted = 0
@@ -108,7 +112,7 @@ def adopt_previous(path: str, args) -> int:
         if row["iters"] == args.iters and row["method"] in METHODS and load_run(args.output_dir, row["method"], row["seed"]) is None:
             save_run(args.output_dir, row, row["method"], row["seed"])
             adopted += 1
-    return adopted
+    return adopted, previous.get("budget")
 
 
 def memory_budget(args) -> dict:
@@ -245,9 +249,12 @@ def format_table(summary: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     start_benchmark(args, TRAIN_SET, args.test_sets, test_only_sets=True)
+    budget = json.loads(args.budget) if args.budget else None
     if args.previous:
-        logger.info(f"{adopt_previous(args.previous, args)} finished runs taken from {args.previous}")
-    budget = json.loads(args.budget) if args.budget else memory_budget(args)
+        adopted, previous_budget = adopt_previous(args.previous, args)
+        logger.info(f"{adopted} finished runs taken from {args.previous}")
+        budget = budget or previous_budget
+    budget = budget or memory_budget(args)
     logger.info(f"memory budget: {json.dumps(budget)}")
     plan, finished = planned_runs(args), {"iters": args.iters}
     todo = [] if args.report else [(m, s) for m, s in plan
