@@ -253,6 +253,7 @@ def tiny_panoptic(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config", ["Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool.yaml",
+                                    "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru.yaml",
                                     "Synthetic-Panoptic/panoptic_rfpn_R_18_rnnpool_crbp20.yaml"])
 def test_the_stem_trains_two_iterations_inside_panoptic_fpn(tiny_panoptic, tmp_path, config):
     train, val = tiny_panoptic
@@ -265,6 +266,7 @@ def test_the_stem_trains_two_iterations_inside_panoptic_fpn(tiny_panoptic, tmp_p
     trainer = Trainer(cfg)
     stem = trainer.model.backbone.bottom_up.stem
     assert isinstance(stem, RNNPoolStem)
+    assert stem.pool.cell == cfg.MODEL.RNNPOOL.CELL
     before = {n: p.detach().clone() for n, p in stem.named_parameters()}
     trainer.train()
     assert trainer.iter == 2

@@ -11,9 +11,9 @@ for several step counts under BPTT and C-RBP. Writes ``benchmark_rfpn.json`` and
 
     .venv/bin/python tools/benchmark_rfpn.py --seeds 0 1 2          # all five models, 100 iterations each
     .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --iters 20 --output-dir output/quick
-    .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn crbp20 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \\
         --output-dir output/benchmark_rfpn_300
-    .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \\
         --output-dir output/benchmark_rfpn_300     # ResNet stem vs RNNPool stem (docs/rnnpool.md)
 
 The dataset is generated under ``--data-root`` on first use (datasets/prepare_synthetic_panoptic.py
@@ -65,10 +65,12 @@ MODELS = {
     "crbp20auto": ("R-FPN C-RBP-20, automatic LCP weight", "Synthetic-Panoptic/panoptic_rfpn_R_18_crbp20_auto.yaml"),
     "revnet18": ("Panoptic FPN RevNet-18", "Synthetic-Panoptic/panoptic_fpn_RevNet_18.yaml"),
     "rnnpool": ("Panoptic FPN R-18, RNNPool stem", "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool.yaml"),
+    "rnnpool_gru": ("Panoptic FPN R-18, RNNPool stem (GRU)", "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru.yaml"),
 }
 DATASET_NAME = "synthetic_panoptic_bench"
 # (model, baseline) pairs whose PQ difference is reported, paired by seed, when both ran
-COMPARISONS = (("crbp20", "fpn"), ("crbp20auto", "crbp20"), ("revnet18", "fpn"), ("rnnpool", "fpn"))
+COMPARISONS = (("crbp20", "fpn"), ("crbp20auto", "crbp20"), ("revnet18", "fpn"), ("rnnpool", "fpn"),
+               ("rnnpool_gru", "fpn"))
 
 
 class IterationClock(HookBase):
