@@ -139,7 +139,7 @@ def test_common_arguments_on_sub_parsers():
                                            "copy_to_docs": False}),
         (pathfinder.parse_args, ["X.Y", "1"], {
             "threads": 2, "output_dir": os.path.join("output", "benchmark_pathfinder"), "copy_to_docs": False,
-            "opts": ["X.Y", "1"]}),
+            "opts": ["X.Y", "1"], "methods": ["BPTT", "C-BPTT", "RBP", "C-RBP", "FF control"]}),
         (residual_stopping.parse_args, ["--model", *MODEL_A], {
             "model": [MODEL_A], "threads": 2, "output_dir": "output/residual_stopping", "copy_to_docs": False,
             "opts": []}),

@@ -4,7 +4,7 @@
 The benchmark lives in :mod:`rfpn.benchmarks.rfpn_panoptic` (its docstring says what is measured
 and kept); this script is its command line::
 
-    python tools/benchmark_rfpn.py --models fpn crbp20 revnet18 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
+    python tools/benchmark_rfpn.py --models fpn crbp20 revnet18 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \\
         --output-dir output/benchmark_rfpn_300
 """
 import sys

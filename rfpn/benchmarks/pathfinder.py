@@ -1,8 +1,9 @@
 """Pathfinder benchmark of the gradient methods at CPU scale (a documented command, not a test).
 
-Trains BPTT, C-BPTT, RBP, C-RBP, the feed-forward control and the other gradient methods (JFB,
-phantom gradients and their LCP variants, C-RBP with the automatic LCP weight, the reversible
-couplings, BPTT and C-RBP with state momentum and its damped control) with the same budget
+Trains BPTT, C-BPTT, RBP, C-RBP and the feed-forward control (the default ``--methods``), or any of
+the other gradient methods named with ``--methods`` (JFB, phantom gradients and their LCP variants,
+C-RBP with the automatic LCP weight, the reversible couplings, BPTT and C-RBP with state momentum
+and its damped control), with the same budget
 (iterations, batch, data) and reports for each: test IoU (pooled contour IoU), recurrent steps, training memory
 (bytes autograd saves for backward in one training iteration, counted with
 ``rfpn.recurrent.saved_tensor_bytes``), and seconds per training iteration. Then it tests the
@@ -73,6 +74,8 @@ MOMENTUM_METHODS = {
     for variant, suffix in (("mu 0.3", "mu03"), ("mu 0.6", "mu06"), ("mu 0.9", "mu09"), ("damped", "damped"))
 }
 METHODS.update(MOMENTUM_METHODS)
+# trained when --methods is not given: the README's table (about 2.5 hours on 2 cores with --jobs 2)
+DEFAULT_METHODS = ("BPTT", "C-BPTT", "RBP", "C-RBP", "FF control")
 GENERALISATION_METHODS = ("BPTT", "C-RBP")
 # methods also tested with 3x their training steps: does the dynamics stay put past the steps it was trained for?
 PAST_STEPS_METHODS = ("BPTT", "C-RBP", "Reversible", "Reversible additive", *MOMENTUM_METHODS)
@@ -80,15 +83,17 @@ logger = logging.getLogger("rfpn.benchmark_pathfinder")
 
 
 def training_parser(description: str, output_dir: str, methods: list[str], iters: int, *, threads_help: str,
-                    jobs_help: str, rerun_help: str) -> argparse.ArgumentParser:
+                    jobs_help: str, rerun_help: str, default_methods: list[str] | None = None) -> argparse.ArgumentParser:
     """The flags every Pathfinder training benchmark shares: threads, output directory, figures copied to
-    ``docs/``, config overrides, methods, iterations, data preparation, parallel child jobs and reruns."""
+    ``docs/``, config overrides, methods (``default_methods`` or all of them), iterations, data
+    preparation, parallel child jobs and reruns."""
     p = tool_parser(
         description, threads=2, output_dir=output_dir, copy_to_docs=True, opts=True,
         helps={"threads": threads_help, "copy_to_docs": "copy the figures to docs/figures/",
                "opts": "KEY VALUE config overrides for every method"},
     )
-    p.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
+    p.add_argument("--methods", nargs="+", default=list(default_methods or methods), choices=list(methods), metavar="METHOD",
+                   help=f"methods to train (default: {', '.join(default_methods or methods)}); choices: {', '.join(methods)}")
     p.add_argument("--iters", type=int, default=iters, help="training iterations of every run (equal budget)")
     p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
     p.add_argument("--jobs", type=int, default=1, help=jobs_help)
@@ -119,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         __doc__, os.path.join("output", "benchmark_pathfinder"), list(METHODS), 1500,
         threads_help="torch threads per training process",
         jobs_help="methods trained at once, each in a child process with --threads // --jobs threads",
-        rerun_help="retrain methods that already have a row.json",
+        rerun_help="retrain methods that already have a row.json", default_methods=list(DEFAULT_METHODS),
     )
     p.add_argument("--train-set", default="pathfinder_cpu9", help="registered Pathfinder set to train and test on")
     p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu9", "pathfinder_cpu12", "pathfinder_cpu14"],
