@@ -27,7 +27,7 @@ test: $(STAMP)
 benchmark-memory: $(STAMP)
 	$(BIN)/python tools/benchmark_memory.py
 
-# About 2 hours on 2 cores: five methods x 3,000 iterations, two at a time (README, "Pathfinder").
+# About 2.5 hours on 2 cores: five methods x 3,000 iterations, two at a time (README, "Pathfinder").
 benchmark-pathfinder: $(STAMP)
 	$(BIN)/python tools/benchmark_pathfinder.py --iters 3000 --prepare --jobs 2 --copy-to-docs
 
