@@ -86,3 +86,16 @@ def test_publishing_a_run_ships_float32_weights_and_records_its_numbers(tmp_path
     assert record["iou_first_100"] == pytest.approx(entry["iou_first_100"], abs=0.01)  # bf16 rounding
     assert json.loads((tmp_path / "trained.json").read_text()) == {config: record}
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary left behind
+
+
+def _benchmark_configs() -> list[str]:
+    from rfpn.benchmarks import long_contours, pathfinder, rfpn_panoptic
+
+    configs = {f"Pathfinder/cpu/{name}" for name in [*pathfinder.METHODS.values(), *long_contours.METHODS.values()]}
+    return sorted(configs | {config for _, config in rfpn_panoptic.MODELS.values()})
+
+
+@pytest.mark.parametrize("config", _benchmark_configs())
+def test_every_config_a_benchmark_trains_loads_and_builds(config):
+    model = model_zoo.get(config, device="cpu")
+    assert sum(p.numel() for p in model.parameters()) > 0
