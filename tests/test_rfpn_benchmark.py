@@ -1,4 +1,6 @@
 """The R-FPN benchmark's summary: means over seeds, the PQ difference paired by seed, the table and figure."""
+import json
+
 import pytest
 
 from rfpn.analysis.figures import plot_rfpn_benchmark
@@ -25,3 +27,18 @@ def test_paired_difference_summary_table_and_figure(tmp_path):
     assert "minus Panoptic FPN, paired by seed (3 seeds): +1.00" in table
     path = plot_rfpn_benchmark(str(tmp_path / "b.png"), summary, [])
     assert open(path, "rb").read(4) == b"\x89PNG"
+
+
+def test_runs_of_an_earlier_summary_are_reported_without_training(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    rows = [_row("fpn", s, pq) for s, pq in enumerate((70.0, 71.0))] + [_row("rnnpool", 0, 60.0)]
+    sweep = [{"grad": "crbp", "steps": 1, "rois": 32, "bytes": 1024, "sec": 0.1}]
+    earlier.write_text(json.dumps({"models": rows, "memory_sweep": sweep}))
+    out = tmp_path / "out"
+    bench.main(["--models", "fpn", "--seeds", "0", "1", "--iters", "300", "--output-dir", str(out), "--previous",
+                str(earlier), "--sweep-steps", "1", "--data-root", str(tmp_path / "data"), "--num-train", "2",
+                "--num-test", "1", "--image-size", "64"])
+    summary = json.loads((out / "benchmark_rfpn.json").read_text())
+    assert [(r["key"], r["seed"], r["PQ"]) for r in summary["models"]] == [("fpn", 0, 70.0), ("fpn", 1, 71.0)]
+    assert summary["memory_sweep"] == sweep
+    assert not list(out.glob("*/model_final.pth")), "nothing was trained"

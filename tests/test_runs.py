@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from rfpn.utils.runs import load_run, run_dir, save_run
+from rfpn.utils.runs import adopt_rows, load_run, run_dir, save_run
 
 
 def test_run_folders_are_slugs_of_name_and_seed(tmp_path):
@@ -25,3 +25,18 @@ def test_a_kept_run_is_read_back_only_under_matching_settings(tmp_path, caplog):
         assert load_run(tmp_path, "BPTT", 0, match={"iters": 3000}) is None
     assert "{'iters': 300}, not {'iters': 3000}: not reused" in caplog.text
     assert load_run(tmp_path, "BPTT", 0, match={"settings": {"length": 200}}) is None
+
+
+def test_rows_of_an_earlier_summary_are_adopted_once_and_only_with_matching_settings(tmp_path):
+    own = {"method": "C-RBP", "seed": 0, "iters": 300, "iou": 0.9}
+    save_run(tmp_path, own, "C-RBP", 0)
+    earlier = [
+        {"method": "C-RBP", "seed": 0, "iters": 300, "iou": 0.1},  # this run finished here: kept as it is
+        {"method": "C-RBP", "seed": 1, "iters": 300, "iou": 0.8},
+        {"method": "RBP", "seed": 0, "iters": 3000, "iou": 0.7},  # other settings: not a finished run
+    ]
+    assert adopt_rows(tmp_path, earlier, "method", {"iters": 300}) == 1
+    assert load_run(tmp_path, "C-RBP", 0) == own
+    assert load_run(tmp_path, "C-RBP", 1) == earlier[1]
+    assert load_run(tmp_path, "RBP", 0) is None
+    assert adopt_rows(tmp_path, earlier, "method", {"iters": 300}) == 0

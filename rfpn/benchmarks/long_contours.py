@@ -54,7 +54,7 @@ from rfpn.utils import run_cli
 from rfpn.utils.events import metric_history
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
-from rfpn.utils.runs import load_run, run_dir, save_run
+from rfpn.utils.runs import adopt_rows, load_run, run_dir, save_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
@@ -109,12 +109,8 @@ def adopt_previous(path: str, args) -> tuple[int, dict | None]:
     """
     with open(path) as f:
         previous = json.load(f)
-    adopted = 0
-    for row in previous.get("rows", []):
-        if row["iters"] == args.iters and row["method"] in METHODS and load_run(args.output_dir, row["method"], row["seed"]) is None:
-            save_run(args.output_dir, row, row["method"], row["seed"])
-            adopted += 1
-    return adopted, previous.get("budget")
+    rows = [row for row in previous.get("rows", []) if row["method"] in METHODS]
+    return adopt_rows(args.output_dir, rows, "method", {"iters": args.iters}), previous.get("budget")
 
 
 def memory_budget(args) -> dict:

@@ -92,8 +92,9 @@ def training_parser(description: str, output_dir: str, methods: list[str], iters
         helps={"threads": threads_help, "copy_to_docs": "copy the figures to docs/figures/",
                "opts": "KEY VALUE config overrides for every method"},
     )
-    p.add_argument("--methods", nargs="+", default=list(default_methods or methods), choices=list(methods), metavar="METHOD",
-                   help=f"methods to train (default: {', '.join(default_methods or methods)}); choices: {', '.join(methods)}")
+    defaults = list(default_methods or methods)
+    p.add_argument("--methods", nargs="+", default=defaults, choices=list(methods), metavar="METHOD",
+                   help=f"methods to train (default: {', '.join(defaults)}); choices: {', '.join(methods)}")
     p.add_argument("--iters", type=int, default=iters, help="training iterations of every run (equal budget)")
     p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
     p.add_argument("--jobs", type=int, default=1, help=jobs_help)

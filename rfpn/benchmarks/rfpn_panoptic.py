@@ -15,11 +15,14 @@ for several step counts under BPTT and C-RBP. Writes ``benchmark_rfpn.json`` and
         --output-dir output/benchmark_rfpn_300
     .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \\
         --output-dir output/benchmark_rfpn_300     # ResNet stem vs RNNPool stem (docs/rnnpool.md)
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool_gru --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \\
+        --output-dir output/benchmark_rfpn_300_gru --previous benchmarks/results/benchmark_rfpn_300.json
 
 The dataset is generated under ``--data-root`` on first use (datasets/prepare_synthetic_panoptic.py
 does the same). Every finished run saves ``<output-dir>/<model>_seed<seed>/row.json`` and is kept in
 the JSON; both are reused when the command is repeated with more seeds or models (same ``--iters``),
-also after an interruption. ``--jobs 2`` trains two runs at once in one-thread child processes.
+also after an interruption, and ``--previous`` adds the runs of an earlier summary (the last command
+trains only the GRU stem and takes the ResNet-stem runs from the committed results). ``--jobs 2`` trains two runs at once in one-thread child processes.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils.cli import tool_parser
 from rfpn.utils.files import write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
-from rfpn.utils.runs import load_run, run_dir, save_run
+from rfpn.utils.runs import adopt_rows, load_run, run_dir, save_run
 
 logger = logging.getLogger("rfpn.benchmark_rfpn")
 
@@ -216,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: train, save row
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (results are averaged)")
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier benchmark_rfpn.json (e.g. one in benchmarks/results/): its runs with the same "
+                             "--iters count as finished, and its memory sweep is reused if it has the same settings")
     args = parser.parse_args(argv)
 
     setup_logger(name="rfpn")
@@ -232,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
 
     out = output_dir / "benchmark_rfpn.json"
     rows, sweep = load_previous(out, args)
+    if args.previous:
+        previous_rows, previous_sweep = load_previous(args.previous, args)
+        adopted = adopt_rows(args.output_dir, previous_rows, "key", {"iters": args.iters})
+        logger.info(f"{adopted} finished runs taken from {args.previous}")
+        sweep = sweep or previous_sweep
     if not sweep:
         sweep = memory_sweep(args)
     if not args.skip_training:
@@ -267,7 +278,7 @@ def load_previous(path: Path, args: argparse.Namespace) -> tuple[list[dict], lis
     by_config = {config: key for key, (_, config) in MODELS.items()}
     rows = []
     for r in previous.get("models", []):
-        r.setdefault("key", by_config.get(r["config"]))
+        r.setdefault("key", by_config.get(r.get("config")))
         r.setdefault("seed", 0)
         if r["iters"] == args.iters and r["key"] is not None:
             rows.append(r)

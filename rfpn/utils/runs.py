@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from rfpn.utils.files import write_json_atomic
 
-__all__ = ["ROW_FILE", "load_run", "run_dir", "save_run"]
+__all__ = ["ROW_FILE", "adopt_rows", "load_run", "run_dir", "save_run"]
 
 ROW_FILE = "row.json"
 
@@ -49,3 +49,21 @@ def save_run(root: str | os.PathLike, row: Mapping[str, Any], name: str, seed: i
     path = os.path.join(run_dir(root, name, seed), ROW_FILE)
     write_json_atomic(path, row)
     return path
+
+
+def adopt_rows(root: str | os.PathLike, rows: Iterable[Mapping[str, Any]], name_key: str,
+               match: Mapping[str, Any] | None = None) -> int:
+    """Keep the rows of an earlier summary as finished runs under ``root``; return how many were new.
+
+    Only rows that agree with ``match`` are taken, and a run that already finished keeps its own
+    row. Each row is named by its ``name_key`` field and its ``seed`` (if any).
+    """
+    adopted = 0
+    for row in rows:
+        if any(row.get(k) != v for k, v in (match or {}).items()):
+            continue
+        name, seed = row[name_key], row.get("seed")
+        if load_run(root, name, seed) is None:
+            save_run(root, row, name, seed)
+            adopted += 1
+    return adopted
