@@ -211,6 +211,27 @@ def test_benchmark_pathfinder_momentum_rows_record_mu_and_step_and_run_past_thei
     crbp = by_name["C-RBP mu 0.6"]
     assert crbp["grad"] == "crbp" and crbp["momentum"] == {"mu": 0.6, "step": 0.6}
     assert crbp["inference"] == "fixed, 2 steps" and "iou_past_training_steps" not in crbp
+    assert (tmp_path / "momentum_pathfinder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_pathfinder_reports_the_runs_of_earlier_summaries_without_training_them(tiny_pathfinder, tmp_path):
+    import json
+
+    from rfpn.benchmarks import pathfinder as bench
+
+    def row(method, iters, iou):
+        return {"method": method, "config": "c.yaml", "iters": iters, "steps": 20, "mean_steps": None, "iou": iou,
+                "saved_bytes": 2**20, "sec_per_iter": 1.0, "generalisation": {}}
+
+    earlier, other_set = tmp_path / "earlier.json", tmp_path / "other_set.json"
+    earlier.write_text(json.dumps({"train_set": tiny_pathfinder, "rows": [row("BPTT", 2, 0.9), row("RBP", 3000, 0.8)]}))
+    other_set.write_text(json.dumps({"train_set": "pathfinder_cpu14", "rows": [row("C-RBP", 2, 0.7)]}))
+    out = tmp_path / "out"
+    rows = bench.main(["--iters", "2", "--train-set", tiny_pathfinder, "--test-sets", tiny_pathfinder, "--threads", "1",
+                       "--methods", "BPTT", "--output-dir", str(out), "--previous", str(earlier), "--previous", str(other_set)])
+    assert rows == [row("BPTT", 2, 0.9)], "the run of another --iters or training set was taken"
+    assert json.loads((out / "benchmark_pathfinder.json").read_text())["rows"] == rows
+    assert not list(out.glob("*/model_final.pth")), "an adopted run was trained again"
 
 
 def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_one_from_scratch(tiny_pathfinder, tmp_path):

@@ -27,6 +27,7 @@ __all__ = [
     "plot_gradient_agreement",
     "plot_learning_curves",
     "plot_long_contours",
+    "plot_momentum_pathfinder",
     "plot_penalty_weight_curves",
     "plot_iou_vs_step",
     "plot_readout_grid",
@@ -370,6 +371,35 @@ def plot_pathfinder_benchmark(path: str, rows: Sequence[Mapping], train_set: str
         axes[2].legend()
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_momentum_pathfinder(path: str, rows: Sequence[Mapping], baselines: Mapping[str, float] | None = None) -> str:
+    """Test IoU against the momentum mu of state-momentum rows (mu 0: the damped control), per gradient method.
+
+    Solid lines: IoU at the training steps; dashed: IoU when run for 3x them (rows that have it).
+    ``baselines`` (method -> IoU of the plain cell, no momentum and step 1) are drawn as dotted lines.
+    """
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    colors = {}
+    for grad in dict.fromkeys(r["method"].split(" ")[0] for r in rows):
+        runs = sorted((r for r in rows if r["method"].split(" ")[0] == grad), key=lambda r: r["momentum"]["mu"])
+        mus = [r["momentum"]["mu"] for r in runs]
+        solver = runs[0].get("solver", "fixed")
+        steps = f"{runs[0]['steps']} steps" if solver == "fixed" else f"{solver}, <= {runs[0]['steps']} steps"
+        (line,) = ax.plot(mus, [r["iou"] for r in runs], "o-", label=f"{grad}, {steps}")
+        colors[grad] = line.get_color()
+        past = [(r["momentum"]["mu"], r["iou_past_training_steps"]) for r in runs if r.get("iou_past_training_steps")]
+        if past:
+            ax.plot([m for m, _ in past], [p["iou"] for _, p in past], "s--", color=line.get_color(),
+                    label=f"{grad}, {past[0][1]['steps']} steps at test")
+    for grad, iou in (baselines or {}).items():
+        ax.axhline(iou, linestyle=":", color=colors.get(grad, "gray"), label=f"{grad}, no momentum (step 1)")
+    ax.set_xticks(sorted({r["momentum"]["mu"] for r in rows}))
+    ax.set_title(f"state momentum, step s = {rows[0]['momentum']['step']} (mu 0: the damped control)", fontsize=9)
+    _style_iou_axis(ax, "momentum mu")
     fig.tight_layout()
     return _save(fig, path)
 

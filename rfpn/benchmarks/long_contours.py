@@ -45,8 +45,8 @@ from detectron2.config import CfgNode
 from rfpn.analysis.figures import plot_iou_vs_step, plot_long_contours, plot_training_diagnostics
 from rfpn.analysis.timecourse import dataset_step_ious
 from rfpn.benchmarks.pathfinder import (
-    contour_length_of, inference_description, scaled_cfg, start_benchmark, train_measured, training_bytes,
-    training_parser,
+    adopt_previous, contour_length_of, inference_description, scaled_cfg, start_benchmark, train_measured,
+    training_bytes, training_parser,
 )
 from rfpn.benchmarks.seeds import paired_difference, spread
 from rfpn.engine import Trainer
@@ -54,7 +54,7 @@ from rfpn.utils import run_cli
 from rfpn.utils.events import metric_history
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
-from rfpn.utils.runs import adopt_rows, load_run, run_dir, save_run
+from rfpn.utils.runs import load_run, run_dir, save_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
@@ -86,9 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu20"], help="longer-contour sets for generalisation")
     p.add_argument("--curve-steps", type=int, default=120, help="IoU is measured after every step up to this one")
     p.add_argument("--curve-images", type=int, default=250, help="test images of each set for the per-step IoU")
-    p.add_argument("--previous", default=None,
-                   help="an earlier benchmark_long_contours.json (e.g. the committed one in benchmarks/results/): "
-                        "its runs with the same --iters count as finished")
     p.add_argument("--report", action="store_true",
                    help="write the summary, figures and table of the finished runs only, training none")
     p.add_argument("--budget", default=None, help=argparse.SUPPRESS)  # a --jobs child: the parent's budget (JSON)
@@ -99,18 +96,6 @@ def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
     """The method's packaged config for ``--iters`` iterations and ``seed``, then ``extra`` and ``--opts``."""
     overrides = ["SEED", seed, "OUTPUT_DIR", run_dir(args.output_dir, name, seed), *extra]
     return scaled_cfg(os.path.join(REPO, CONFIG_DIR, METHODS[name]), args.iters, overrides, args.opts)
-
-
-def adopt_previous(path: str, args) -> tuple[int, dict | None]:
-    """Write the rows of an earlier summary with the same ``--iters`` into runs that have none.
-
-    Returns how many rows were adopted and the earlier summary's memory budget (None when it has
-    none), which the adopted rows were trained under, so it need not be measured again.
-    """
-    with open(path) as f:
-        previous = json.load(f)
-    rows = [row for row in previous.get("rows", []) if row["method"] in METHODS]
-    return adopt_rows(args.output_dir, rows, "method", {"iters": args.iters}), previous.get("budget")
 
 
 def memory_budget(args) -> dict:
@@ -248,10 +233,9 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     start_benchmark(args, TRAIN_SET, args.test_sets, test_only_sets=True)
     budget = json.loads(args.budget) if args.budget else None
-    if args.previous:
-        adopted, previous_budget = adopt_previous(args.previous, args)
-        logger.info(f"{adopted} finished runs taken from {args.previous}")
-        budget = budget or previous_budget
+    if not args.row_only:  # the runs of earlier summaries were trained under their budget: it is not measured again
+        summaries = adopt_previous(args, METHODS, TRAIN_SET)
+        budget = budget or next((s["budget"] for s in summaries if s.get("budget")), None)
     budget = budget or memory_budget(args)
     logger.info(f"memory budget: {json.dumps(budget)}")
     plan, finished = planned_runs(args), {"iters": args.iters}

@@ -13,7 +13,9 @@ The command line is ``tools/benchmark_pathfinder.py``. Writes ``<output-dir>/ben
 the PNG to ``docs/figures/``. Each method's result is kept in ``<output-dir>/<method>/row.json``:
 a re-run (say, after an interruption) trains only the methods without one, each from its last
 checkpoint if it has one (``--rerun`` retrains from scratch;
-``--eval-only`` scores the saved checkpoints again with the configs' current test-time settings).
+``--eval-only`` scores the saved checkpoints again with the configs' current test-time settings);
+``--previous`` adds the runs of an earlier summary, so a committed one is extended by training only
+the methods it lacks.
 ``--jobs 2`` trains two methods at a time in child processes with one thread each, which on a
 2-core machine halves the wall time (one thread per process is as fast here as two). Example
 (README, "Pathfinder")::
@@ -39,7 +41,7 @@ from rfpn.data.pathfinder import implied_preset, register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.engine.amp import resolve_precision
-from rfpn.analysis.figures import plot_pathfinder_benchmark, plot_penalty_weight_curves
+from rfpn.analysis.figures import plot_momentum_pathfinder, plot_pathfinder_benchmark, plot_penalty_weight_curves
 from rfpn.modeling.recurrent_core import penalty_weight_history, uses_state_momentum
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
@@ -47,7 +49,7 @@ from rfpn.utils.cli import load_config, tool_parser
 from rfpn.utils.events import metric_history, metric_mean
 from rfpn.utils.files import copy_to_docs, write_json_atomic
 from rfpn.utils.jobs import ChildJob, run_child_jobs
-from rfpn.utils.runs import load_run, run_dir, save_run
+from rfpn.utils.runs import adopt_rows, load_run, run_dir, save_run
 from rfpn.utils.models import build_eval_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,8 +101,32 @@ def training_parser(description: str, output_dir: str, methods: list[str], iters
     p.add_argument("--prepare", action="store_true", help="generate the pathfinder_cpuN sets named (kept if present)")
     p.add_argument("--jobs", type=int, default=1, help=jobs_help)
     p.add_argument("--rerun", action="store_true", help=rerun_help)
+    p.add_argument("--previous", action="append", default=[], metavar="JSON",
+                   help="an earlier summary of this benchmark (e.g. a committed one in benchmarks/results/; repeatable): "
+                        "its runs with the same --iters and training set count as finished")
     p.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no summary
     return p
+
+
+def adopt_previous(args: argparse.Namespace, methods: list[str] | dict, train_set: str) -> list[dict]:
+    """Keep the runs of the ``--previous`` summaries as finished runs of ``--output-dir``; return the summaries.
+
+    Only rows of ``methods`` with the same ``--iters``, from summaries of ``train_set``, are taken, and a
+    run that finished here keeps its own row, so a summary can be rebuilt or extended without training
+    again what the repository already reports.
+    """
+    summaries = []
+    for path in args.previous:
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("train_set", train_set) != train_set:
+            logger.warning(f"{path} was trained on {summary['train_set']}, not {train_set}: not used")
+            continue
+        rows = [row for row in summary.get("rows", []) if row["method"] in methods]
+        adopted = adopt_rows(args.output_dir, rows, "method", {"iters": args.iters})
+        logger.info(f"{adopted} finished runs taken from {path}")
+        summaries.append(summary)
+    return summaries
 
 
 def start_benchmark(args: argparse.Namespace, train_set: str, test_sets: list[str], test_only_sets: bool) -> None:
@@ -313,6 +339,8 @@ def _steps_used(row: dict) -> str:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     start_benchmark(args, args.train_set, args.test_sets, test_only_sets=False)
+    if not args.row_only:
+        adopt_previous(args, METHODS, args.train_set)
     finished = {"iters": args.iters}
     todo = [n for n in args.methods if args.rerun or load_run(args.output_dir, n, match=finished) is None]
     if args.eval_only:
@@ -335,6 +363,12 @@ def main(argv=None) -> list[dict]:
         plot_penalty_weight_curves(os.path.join(args.output_dir, "penalty_weight.png"), curves, lam=0.9)
     if args.copy_to_docs:
         copy_to_docs(png_path, "benchmark_pathfinder.png")
+    momentum = [r for r in rows if r["method"] in MOMENTUM_METHODS]
+    if len(momentum) > 1:
+        baselines = {r["method"]: r["iou"] for r in rows if r["method"] in ("BPTT", "C-RBP")}
+        momentum_png = plot_momentum_pathfinder(os.path.join(args.output_dir, "momentum_pathfinder.png"), momentum, baselines)
+        if args.copy_to_docs:
+            copy_to_docs(momentum_png, "momentum_pathfinder.png")
     header = "| method | config | steps (max) | steps used | test pass | IoU | IoU at 3x steps | MiB saved for backward | s / iter | " + " | ".join(
         f"IoU on {n}" for n in args.test_sets
     ) + " |"
