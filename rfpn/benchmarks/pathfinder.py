@@ -9,8 +9,9 @@ and its damped control), with the same budget
 ``rfpn.recurrent.saved_tensor_bytes``), and seconds per training iteration. Then it tests the
 BPTT and C-RBP models, trained on the short contours, on longer ones (generalisation).
 
-The command line is ``tools/benchmark_pathfinder.py``. Writes ``<output-dir>/benchmark_pathfinder.json`` and ``.png``; ``--copy-to-docs`` also copies
-the PNG to ``docs/figures/``. Each method's result is kept in ``<output-dir>/<method>/row.json``:
+The command line is ``tools/benchmark_pathfinder.py``. Writes ``<output-dir>/benchmark_pathfinder.json`` and ``.png``
+(and ``momentum_pathfinder.png`` when state-momentum rows finished); ``--copy-to-docs`` also copies the
+figures to ``docs/figures/``, the first one named after the output folder. Each method's result is kept in ``<output-dir>/<method>/row.json``:
 a re-run (say, after an interruption) trains only the methods without one, each from its last
 checkpoint if it has one (``--rerun`` retrains from scratch;
 ``--eval-only`` scores the saved checkpoints again with the configs' current test-time settings);
@@ -361,8 +362,8 @@ def main(argv=None) -> list[dict]:
     curves = {r["method"]: r["curves"] for r in rows if r.get("curves")}
     if curves:
         plot_penalty_weight_curves(os.path.join(args.output_dir, "penalty_weight.png"), curves, lam=0.9)
-    if args.copy_to_docs:
-        copy_to_docs(png_path, "benchmark_pathfinder.png")
+    if args.copy_to_docs:  # named after the output folder, so a run of other methods keeps the README's figure
+        copy_to_docs(png_path, f"{os.path.basename(os.path.normpath(args.output_dir))}.png")
     momentum = [r for r in rows if r["method"] in MOMENTUM_METHODS]
     if len(momentum) > 1:
         baselines = {r["method"]: r["iou"] for r in rows if r["method"] in ("BPTT", "C-RBP")}
