@@ -370,17 +370,15 @@ def main(argv=None) -> list[dict]:
         momentum_png = plot_momentum_pathfinder(os.path.join(args.output_dir, "momentum_pathfinder.png"), momentum, baselines)
         if args.copy_to_docs:
             copy_to_docs(momentum_png, "momentum_pathfinder.png")
-    header = "| method | config | steps (max) | steps used | test pass | IoU | IoU at 3x steps | MiB saved for backward | s / iter | " + " | ".join(
-        f"IoU on {n}" for n in args.test_sets
-    ) + " |"
-    print(header)
-    print("|" + "---|" * (9 + len(args.test_sets)))
+    lengths = sorted({n for r in rows for n in r["generalisation"]}, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+    print("| method | config | steps (max) | steps used | test pass | IoU | IoU at 3x steps | MiB saved for backward | s / iter | "
+          + "".join(f"IoU, {n} paddles | " for n in lengths))
+    print("|" + "---|" * (9 + len(lengths)))
     for r in rows:
-        gen = " | ".join(f"{v:.3f}" for v in r["generalisation"].values()) if r["generalisation"] else " | ".join("-" * len(args.test_sets))
+        gen = "".join(f"{r['generalisation'][n]:.3f} | " if n in r["generalisation"] else "- | " for n in lengths)
         print(
             f"| {r['method']} | `{r['config']}` | {r['steps']} | {_steps_used(r)} | {r.get('inference', '-')} | {r['iou']:.3f} | "
-            f"{_past_steps(r)} | {r['saved_bytes'] / 2**20:.1f} | "
-            f"{r['sec_per_iter']:.2f} | {gen} |"
+            f"{_past_steps(r)} | {r['saved_bytes'] / 2**20:.1f} | {r['sec_per_iter']:.2f} | {gen}"
         )
     print(f"Wrote {json_path} and {png_path}")
     return rows
