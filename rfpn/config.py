@@ -124,6 +124,9 @@ def add_rnnpool_config(cfg: CN) -> None:
     _C.HIDDEN2 = 16  # state size of RNN2 (both directions over the row and the column summaries); 4 x HIDDEN2 = MODEL.RESNETS.STEM_OUT_CHANNELS
     _C.CELL = "fastgrnn"  # the cell of both RNNs: "fastgrnn" (the authors') or "gru"
     _C.STREAM_ROWS = 1  # inference without gradients pools this many rows of patches at a time into the output (0: all at once)
+    # norm then ReLU on the pooled map, as Detectron2's BasicStem has after its conv: a Detectron2 norm name
+    # ("GN", "BN", ...) or "" (the pooled tanh-bounded states go to res2 as they are, the seed's layer alone)
+    _C.NORM = ""
 
 
 def add_training_safety_config(cfg: CN) -> None:

@@ -216,6 +216,23 @@ def test_the_stem_streams_at_inference_with_the_training_result():
     assert torch.allclose(streamed, trained, rtol=0, atol=1e-12)
 
 
+def test_the_stem_norm_is_group_norm_then_relu_of_the_pooled_map():
+    torch.manual_seed(0)
+    stem = build_rnnpool_resnet_backbone(_cfg(NORM="GN"), ShapeSpec(channels=3)).stem.double()
+    with torch.no_grad():
+        stem.norm.weight.uniform_(0.5, 1.5)
+        stem.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 24, 20, dtype=torch.float64)
+    pooled = stem.pool(x)
+    groups = pooled.reshape(2, 32, -1)
+    normed = ((groups - groups.mean(-1, keepdim=True)) / (groups.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt())
+    expected = (normed.reshape_as(pooled) * stem.norm.weight[:, None, None] + stem.norm.bias[:, None, None]).clamp(min=0)
+    assert torch.allclose(stem(x), expected, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        assert torch.allclose(stem(x), expected, rtol=0, atol=1e-10)
+    assert build_rnnpool_resnet_backbone(_cfg(), ShapeSpec(channels=3)).stem.norm is None
+
+
 def test_the_fpn_builder_is_registered():
     cfg = _cfg()
     cfg.MODEL.BACKBONE.NAME = "build_rnnpool_resnet_fpn_backbone"
@@ -237,6 +254,7 @@ def test_the_fpn_builder_is_registered():
         ({"HIDDEN2": 8}, r"MODEL.RNNPOOL.HIDDEN2=8 is not valid"),
         ({"CELL": "lstm"}, r"MODEL.RNNPOOL.CELL='lstm' is not valid; allowed values: fastgrnn, gru"),
         ({"STREAM_ROWS": -1}, r"MODEL.RNNPOOL.STREAM_ROWS=-1 is not valid"),
+        ({"NORM": "batchnorm"}, r"MODEL.RNNPOOL.NORM='batchnorm' is not valid; allowed values: '', 'BN', .*'GN'"),
     ],
 )
 def test_bad_rnnpool_keys_name_the_key(overrides, message):
@@ -254,6 +272,7 @@ def tiny_panoptic(tmp_path_factory):
 
 @pytest.mark.parametrize("config", ["Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool.yaml",
                                     "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru.yaml",
+                                    "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru_gn.yaml",
                                     "Synthetic-Panoptic/panoptic_rfpn_R_18_rnnpool_crbp20.yaml"])
 def test_the_stem_trains_two_iterations_inside_panoptic_fpn(tiny_panoptic, tmp_path, config):
     train, val = tiny_panoptic

@@ -69,11 +69,13 @@ MODELS = {
     "revnet18": ("Panoptic FPN RevNet-18", "Synthetic-Panoptic/panoptic_fpn_RevNet_18.yaml"),
     "rnnpool": ("Panoptic FPN R-18, RNNPool stem", "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool.yaml"),
     "rnnpool_gru": ("Panoptic FPN R-18, RNNPool stem (GRU)", "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru.yaml"),
+    "rnnpool_gru_gn": ("Panoptic FPN R-18, RNNPool stem (GRU, GN + ReLU)",
+                       "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru_gn.yaml"),
 }
 DATASET_NAME = "synthetic_panoptic_bench"
 # (model, baseline) pairs whose PQ difference is reported, paired by seed, when both ran
 COMPARISONS = (("crbp20", "fpn"), ("crbp20auto", "crbp20"), ("revnet18", "fpn"), ("rnnpool", "fpn"),
-               ("rnnpool_gru", "fpn"))
+               ("rnnpool_gru", "fpn"), ("rnnpool_gru_gn", "fpn"), ("rnnpool_gru_gn", "rnnpool_gru"))
 
 
 class IterationClock(HookBase):

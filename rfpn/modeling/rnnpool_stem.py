@@ -11,9 +11,10 @@ path; inference without gradients streams ``STREAM_ROWS`` rows of patches at a t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from detectron2.config import CfgNode
-from detectron2.layers import CNNBlockBase, ShapeSpec
+from detectron2.layers import CNNBlockBase, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
@@ -23,22 +24,33 @@ from rfpn.layers import CELLS, RNNPool
 
 from .fpn import fpn_over
 
+# the names detectron2.layers.get_norm accepts; "" is none
+NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+
 __all__ = ["RNNPoolStem", "build_rnnpool_resnet_backbone", "build_rnnpool_resnet_fpn_backbone", "validate_rnnpool_config"]
 
 
 class RNNPoolStem(CNNBlockBase):
-    """RNNPool on the image with ``"same"`` padding; ``out_channels = 4 * hidden2``, ``stride`` as Detectron2's stems have."""
+    """RNNPool on the image with ``"same"`` padding; ``out_channels = 4 * hidden2``, ``stride`` as Detectron2's stems have.
+
+    With a ``norm`` the pooled map goes through that norm and a ReLU, as the ResNet stem's conv output does.
+    """
 
     def __init__(self, in_channels: int, patch_size: tuple[int, int], stride: int, hidden1: int, hidden2: int,
-                 cell: str, stream_rows: int):
+                 cell: str, stream_rows: int, norm: str = ""):
         super().__init__(in_channels, 4 * hidden2, stride)
         self.pool = RNNPool(in_channels, patch_size, stride, hidden1, hidden2, cell=cell, padding="same")
+        self.norm = get_norm(norm, 4 * hidden2) if norm else None
         self.stream_rows = stream_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stream_rows and not torch.is_grad_enabled():
-            return self.pool.stream(x, rows=self.stream_rows)
-        return self.pool(x)
+            y = self.pool.stream(x, rows=self.stream_rows)
+        else:
+            y = self.pool(x)
+        if self.norm is None:
+            return y
+        return F.relu_(self.norm(y))
 
 
 def _smallest_input_side(cfg: CfgNode) -> int | None:
@@ -63,6 +75,7 @@ def validate_rnnpool_config(cfg: CfgNode) -> None:
                     f"MODEL.RESNETS.STEM_OUT_CHANNELS / 4 = {stem_channels / 4:g} (the stem outputs 4 x HIDDEN2 channels)"),
         "CELL": (rc.CELL in CELLS, ", ".join(CELLS)),
         "STREAM_ROWS": (isinstance(rc.STREAM_ROWS, int) and rc.STREAM_ROWS >= 0, "an integer >= 0 (0: never stream)"),
+        "NORM": (rc.NORM in NORMS, ", ".join(repr(n) for n in NORMS)),
     }
     check_keys("MODEL.RNNPOOL", rc, checks)
 
@@ -75,7 +88,7 @@ def build_rnnpool_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNe
     resnet = build_resnet_backbone(cfg, input_shape)
     old_stride = resnet.stem.stride
     resnet.stem = RNNPoolStem(input_shape.channels, tuple(rc.PATCH_SIZE), rc.STRIDE, rc.HIDDEN1, rc.HIDDEN2, rc.CELL,
-                              rc.STREAM_ROWS)
+                              rc.STREAM_ROWS, rc.NORM)
     if cfg.MODEL.BACKBONE.FREEZE_AT >= 1:
         resnet.stem.freeze()
     resnet._out_feature_strides = {k: s * rc.STRIDE // old_stride for k, s in resnet._out_feature_strides.items()}
