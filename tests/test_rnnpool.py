@@ -273,6 +273,7 @@ def tiny_panoptic(tmp_path_factory):
 @pytest.mark.parametrize("config", ["Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool.yaml",
                                     "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru.yaml",
                                     "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru_gn.yaml",
+                                    "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru_gn_h32.yaml",
                                     "Synthetic-Panoptic/panoptic_rfpn_R_18_rnnpool_crbp20.yaml"])
 def test_the_stem_trains_two_iterations_inside_panoptic_fpn(tiny_panoptic, tmp_path, config):
     train, val = tiny_panoptic

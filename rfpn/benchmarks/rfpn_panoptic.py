@@ -71,11 +71,14 @@ MODELS = {
     "rnnpool_gru": ("Panoptic FPN R-18, RNNPool stem (GRU)", "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru.yaml"),
     "rnnpool_gru_gn": ("Panoptic FPN R-18, RNNPool stem (GRU, GN + ReLU)",
                        "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru_gn.yaml"),
+    "rnnpool_gru_gn_h32": ("Panoptic FPN R-18, RNNPool stem (GRU, GN + ReLU, HIDDEN1 32)",
+                           "Synthetic-Panoptic/panoptic_fpn_R_18_rnnpool_gru_gn_h32.yaml"),
 }
 DATASET_NAME = "synthetic_panoptic_bench"
 # (model, baseline) pairs whose PQ difference is reported, paired by seed, when both ran
 COMPARISONS = (("crbp20", "fpn"), ("crbp20auto", "crbp20"), ("revnet18", "fpn"), ("rnnpool", "fpn"),
-               ("rnnpool_gru", "fpn"), ("rnnpool_gru_gn", "fpn"), ("rnnpool_gru_gn", "rnnpool_gru"))
+               ("rnnpool_gru", "fpn"), ("rnnpool_gru_gn", "fpn"), ("rnnpool_gru_gn", "rnnpool_gru"),
+               ("rnnpool_gru_gn_h32", "fpn"), ("rnnpool_gru_gn_h32", "rnnpool_gru_gn"))
 
 
 class IterationClock(HookBase):
