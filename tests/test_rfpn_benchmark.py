@@ -30,15 +30,17 @@ def test_paired_difference_summary_table_and_figure(tmp_path):
 
 
 def test_runs_of_an_earlier_summary_are_reported_without_training(tmp_path):
-    earlier = tmp_path / "earlier.json"
+    earlier, other = tmp_path / "earlier.json", tmp_path / "other.json"
     rows = [_row("fpn", s, pq) for s, pq in enumerate((70.0, 71.0))] + [_row("rnnpool", 0, 60.0)]
     sweep = [{"grad": "crbp", "steps": 1, "rois": 32, "bytes": 1024, "sec": 0.1}]
     earlier.write_text(json.dumps({"models": rows, "memory_sweep": sweep}))
+    other.write_text(json.dumps({"models": [_row("rnnpool_gru", s, 65.0 + s) for s in (0, 1)], "memory_sweep": []}))
     out = tmp_path / "out"
-    bench.main(["--models", "fpn", "--seeds", "0", "1", "--iters", "300", "--output-dir", str(out), "--previous",
-                str(earlier), "--sweep-steps", "1", "--data-root", str(tmp_path / "data"), "--num-train", "2",
-                "--num-test", "1", "--image-size", "64"])
+    bench.main(["--models", "fpn", "rnnpool_gru", "--seeds", "0", "1", "--iters", "300", "--output-dir", str(out),
+                "--previous", str(earlier), "--previous", str(other), "--sweep-steps", "1",
+                "--data-root", str(tmp_path / "data"), "--num-train", "2", "--num-test", "1", "--image-size", "64"])
     summary = json.loads((out / "benchmark_rfpn.json").read_text())
-    assert [(r["key"], r["seed"], r["PQ"]) for r in summary["models"]] == [("fpn", 0, 70.0), ("fpn", 1, 71.0)]
+    assert [(r["key"], r["seed"], r["PQ"]) for r in summary["models"]] == [
+        ("fpn", 0, 70.0), ("rnnpool_gru", 0, 65.0), ("fpn", 1, 71.0), ("rnnpool_gru", 1, 66.0)]
     assert summary["memory_sweep"] == sweep
     assert not list(out.glob("*/model_final.pth")), "nothing was trained"

@@ -230,6 +230,8 @@ def test_the_stem_norm_is_group_norm_then_relu_of_the_pooled_map():
     assert torch.allclose(stem(x), expected, rtol=0, atol=1e-10)
     with torch.no_grad():
         assert torch.allclose(stem(x), expected, rtol=0, atol=1e-10)
+        stem.stream_rows = 0
+        assert torch.allclose(stem(x), expected, rtol=0, atol=1e-10)
     assert build_rnnpool_resnet_backbone(_cfg(), ShapeSpec(channels=3)).stem.norm is None
 
 

@@ -17,12 +17,15 @@ for several step counts under BPTT and C-RBP. Writes ``benchmark_rfpn.json`` and
         --output-dir output/benchmark_rfpn_300     # ResNet stem vs RNNPool stem (docs/rnnpool.md)
     .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool_gru --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \\
         --output-dir output/benchmark_rfpn_300_gru --previous benchmarks/results/benchmark_rfpn_300.json
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool_gru rnnpool_gru_gn --seeds 0 1 2 3 4 5 6 7 \
+        --iters 300 --jobs 2 --output-dir output/benchmark_rfpn_300_gru_gn \
+        --previous benchmarks/results/benchmark_rfpn_300.json --previous benchmarks/results/benchmark_rfpn_300_rnnpool_gru.json
 
 The dataset is generated under ``--data-root`` on first use (datasets/prepare_synthetic_panoptic.py
 does the same). Every finished run saves ``<output-dir>/<model>_seed<seed>/row.json`` and is kept in
 the JSON; both are reused when the command is repeated with more seeds or models (same ``--iters``),
-also after an interruption, and ``--previous`` adds the runs of an earlier summary (the last command
-trains only the GRU stem and takes the ResNet-stem runs from the committed results). ``--jobs 2`` trains two runs at once in one-thread child processes.
+also after an interruption, and ``--previous`` adds the runs of an earlier summary (the last commands
+train only the new stems and takes the ResNet-stem runs from the committed results). ``--jobs 2`` trains two runs at once in one-thread child processes.
 """
 from __future__ import annotations
 
@@ -224,9 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: train, save row
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (results are averaged)")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--previous", type=Path, default=None,
-                        help="an earlier benchmark_rfpn.json (e.g. one in benchmarks/results/): its runs with the same "
-                             "--iters count as finished, and its memory sweep is reused if it has the same settings")
+    parser.add_argument("--previous", type=Path, action="append", default=[], metavar="JSON",
+                        help="an earlier benchmark_rfpn.json (e.g. one in benchmarks/results/; repeatable): its runs "
+                             "with the same --iters count as finished, and its memory sweep is reused if it has the "
+                             "same settings")
     args = parser.parse_args(argv)
 
     setup_logger(name="rfpn")
@@ -243,10 +247,10 @@ def main(argv: list[str] | None = None) -> None:
 
     out = output_dir / "benchmark_rfpn.json"
     rows, sweep = load_previous(out, args)
-    if args.previous:
-        previous_rows, previous_sweep = load_previous(args.previous, args)
+    for path in args.previous:
+        previous_rows, previous_sweep = load_previous(path, args)
         adopted = adopt_rows(args.output_dir, previous_rows, "key", {"iters": args.iters})
-        logger.info(f"{adopted} finished runs taken from {args.previous}")
+        logger.info(f"{adopted} finished runs taken from {path}")
         sweep = sweep or previous_sweep
     if not sweep:
         sweep = memory_sweep(args)

@@ -46,11 +46,23 @@ class RNNPoolStem(CNNBlockBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stream_rows and not torch.is_grad_enabled():
             y = self.pool.stream(x, rows=self.stream_rows)
+            if isinstance(self.norm, torch.nn.GroupNorm):
+                return F.relu_(group_norm_(y, self.norm))
         else:
             y = self.pool(x)
         if self.norm is None:
             return y
         return F.relu_(self.norm(y))
+
+
+def group_norm_(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """``norm(x)`` computed in ``x`` itself (no gradients), so the streaming stem's peak holds one output map."""
+    groups = x.view(x.shape[0], norm.num_groups, -1)
+    var, mean = torch.var_mean(groups, dim=-1, unbiased=False, keepdim=True)
+    groups.sub_(mean).mul_(torch.rsqrt(var.add_(norm.eps)))
+    if norm.affine:
+        x.mul_(norm.weight.view(1, -1, 1, 1)).add_(norm.bias.view(1, -1, 1, 1))
+    return x
 
 
 def _smallest_input_side(cfg: CfgNode) -> int | None:
