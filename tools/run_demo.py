@@ -29,6 +29,7 @@ from rfpn.data.pathfinder import register_pathfinder
 from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.utils.cli import load_config, run_cli, tool_parser
+from rfpn.utils.files import write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Pathfinder", "cpu", "pfcpu9_hgru_crbp_demo.yaml")
@@ -176,10 +177,14 @@ def main(argv=None) -> dict:
     results = trainer.train()
 
     iou = results.get("pathfinder", {}).get("IoU", float("nan"))
+    checkpoint = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "row.json"), {  # what tools/publish_checkpoint.py ships
+        "method": "C-RBP (make demo)", "iters": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH, "iou": iou,
+        "sec_per_iter": trainer.storage.history("time").global_avg(), "checkpoint": checkpoint})
     figure = draw_test_readouts(trainer.model, cfg, cfg.DATASETS.TEST[0], os.path.join(cfg.OUTPUT_DIR, "test_readouts.png"))
     events = sorted(glob.glob(os.path.join(cfg.OUTPUT_DIR, "events.out.tfevents.*")))
     logger.info(f"Pathfinder contour IoU on {cfg.DATASETS.TEST[0]} ({num_test} images): {iou:.4f}")
-    logger.info(f"Checkpoint: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
+    logger.info(f"Checkpoint: {checkpoint}")
     logger.info(f"Figure: {figure} (test images, their labels and the readout after selected steps)")
     logger.info(f"TensorBoard events: {events[-1] if events else cfg.OUTPUT_DIR} (tensorboard --logdir {cfg.OUTPUT_DIR})")
     logger.info(f"Demo finished in {(time.time() - start) / 60:.1f} minutes (budget {args.minutes:.0f}).")

@@ -421,12 +421,12 @@ def plot_rfpn_benchmark(path: str, summary: Sequence[Mapping], sweep: Sequence[M
         axes[1].set_ylabel("seconds / iteration")
         axes[1].set_title("training time per iteration")
         for ax in axes[:2]:
-            ax.tick_params(axis="x", rotation=20)
+            ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     for grad, color in (("bptt", "tab:red"), ("crbp", "tab:green")):
         pts = [r for r in sweep if r["grad"] == grad]
         axes[2].plot([r["steps"] for r in pts], [r["bytes"] / 2**20 for r in pts], "o-", color=color, label=grad.upper())
     if sweep:
-        axes[2].set_title(f"mask-head memory saved for backward ({sweep[0]['rois']} RoIs)")
+        axes[2].set_title(f"mask-head bytes kept for backward ({sweep[0]['rois']} RoIs)")
         axes[2].legend()
     axes[2].set_xlabel("recurrent steps")
     axes[2].set_ylabel("MB")
