@@ -17,15 +17,15 @@ for several step counts under BPTT and C-RBP. Writes ``benchmark_rfpn.json`` and
         --output-dir output/benchmark_rfpn_300     # ResNet stem vs RNNPool stem (docs/rnnpool.md)
     .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool_gru --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \\
         --output-dir output/benchmark_rfpn_300_gru --previous benchmarks/results/benchmark_rfpn_300.json
-    .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool_gru rnnpool_gru_gn --seeds 0 1 2 3 4 5 6 7 \
-        --iters 300 --jobs 2 --output-dir output/benchmark_rfpn_300_gru_gn \
+    .venv/bin/python tools/benchmark_rfpn.py --models fpn rnnpool_gru rnnpool_gru_gn --seeds 0 1 2 3 4 5 6 7 \\
+        --iters 300 --jobs 2 --output-dir output/benchmark_rfpn_300_gru_gn \\
         --previous benchmarks/results/benchmark_rfpn_300.json --previous benchmarks/results/benchmark_rfpn_300_rnnpool_gru.json
 
 The dataset is generated under ``--data-root`` on first use (datasets/prepare_synthetic_panoptic.py
 does the same). Every finished run saves ``<output-dir>/<model>_seed<seed>/row.json`` and is kept in
 the JSON; both are reused when the command is repeated with more seeds or models (same ``--iters``),
 also after an interruption, and ``--previous`` adds the runs of an earlier summary (the last commands
-train only the new stems and takes the ResNet-stem runs from the committed results). ``--jobs 2`` trains two runs at once in one-thread child processes.
+train only the new stems and take the ResNet-stem runs from the committed results). ``--jobs 2`` trains two runs at once in one-thread child processes.
 """
 from __future__ import annotations
 
