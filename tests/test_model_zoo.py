@@ -99,3 +99,16 @@ def _benchmark_configs() -> list[str]:
 def test_every_config_a_benchmark_trains_loads_and_builds(config):
     model = model_zoo.get(config, device="cpu")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_model_zoo_md_names_exactly_the_cpu_pathfinder_configs_without_a_checkpoint():
+    import re
+
+    from rfpn.model_zoo.model_zoo import get_config_root
+
+    text = (get_config_root().parent / "MODEL_ZOO.md").read_text()
+    not_shipped = text[text.index("## Not shipped"):]
+    named = set(re.findall(r"`(Pathfinder/cpu/[\w.]+\.yaml)`", not_shipped))
+    configs = {f"Pathfinder/cpu/{p.name}" for p in (get_config_root() / "Pathfinder" / "cpu").glob("*.yaml")
+               if not p.name.startswith("Base-")}
+    assert named == configs - set(published())

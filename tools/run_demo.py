@@ -178,8 +178,9 @@ def main(argv=None) -> dict:
 
     iou = results.get("pathfinder", {}).get("IoU", float("nan"))
     checkpoint = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    method = f"run_demo {os.path.splitext(os.path.basename(args.config_file))[0]}"
     write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "row.json"), {  # what tools/publish_checkpoint.py ships
-        "method": "C-RBP (make demo)", "iters": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH, "iou": iou,
+        "method": method, "iters": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH, "iou": iou,
         "sec_per_iter": trainer.storage.history("time").global_avg(), "checkpoint": checkpoint})
     figure = draw_test_readouts(trainer.model, cfg, cfg.DATASETS.TEST[0], os.path.join(cfg.OUTPUT_DIR, "test_readouts.png"))
     events = sorted(glob.glob(os.path.join(cfg.OUTPUT_DIR, "events.out.tfevents.*")))

@@ -69,6 +69,8 @@ METHODS = {
     "C-RBP bf16": "pfcpu9_hgru_crbp_bf16.yaml",
     "Reversible": "pfcpu9_hgru_reversible.yaml",
     "Reversible additive": "pfcpu9_hgru_reversible_additive.yaml",
+    "convLSTM BPTT": "pfcpu9_convlstm_bptt.yaml",
+    "convLSTM C-RBP": "pfcpu9_convlstm_crbp.yaml",
 }
 # state momentum (seed 003) with the step 0.6, and its control: the same step without momentum
 MOMENTUM_METHODS = {
