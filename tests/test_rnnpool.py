@@ -16,7 +16,7 @@ from rfpn.data import generate_synthetic_panoptic, register_synthetic_panoptic
 from rfpn.engine import Trainer
 from rfpn.layers import RNNPool
 from rfpn.modeling import RNNPoolStem
-from rfpn.modeling.rnnpool_stem import build_rnnpool_resnet_backbone
+from rfpn.modeling.rnnpool_stem import build_rnnpool_resnet_backbone, is_detectron2_norm
 
 from test_rfpn_training import SIZE, tiny_cfg
 
@@ -256,12 +256,17 @@ def test_the_fpn_builder_is_registered():
         ({"HIDDEN2": 8}, r"MODEL.RNNPOOL.HIDDEN2=8 is not valid"),
         ({"CELL": "lstm"}, r"MODEL.RNNPOOL.CELL='lstm' is not valid; allowed values: fastgrnn, gru"),
         ({"STREAM_ROWS": -1}, r"MODEL.RNNPOOL.STREAM_ROWS=-1 is not valid"),
-        ({"NORM": "batchnorm"}, r"MODEL.RNNPOOL.NORM='batchnorm' is not valid; allowed values: '', 'BN', .*'GN'"),
+        ({"NORM": "batchnorm"}, r"MODEL.RNNPOOL.NORM='batchnorm' is not valid; allowed values: '' \(none\) or .*get_norm.*'GN'"),
     ],
 )
 def test_bad_rnnpool_keys_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         build_rnnpool_resnet_backbone(_cfg(**overrides), ShapeSpec(channels=3))
+
+
+def test_norm_names_are_the_ones_detectron2_accepts():
+    assert all(is_detectron2_norm(n) for n in ("", "BN", "FrozenBN", "GN", "LN", "SyncBN", "naiveSyncBN"))
+    assert not any(is_detectron2_norm(n) for n in ("batchnorm", "gn", None, 0))
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,18 @@ from rfpn.layers import CELLS, RNNPool
 
 from .fpn import fpn_over
 
-# the names detectron2.layers.get_norm accepts; "" is none
-NORMS = ("", "BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+__all__ = ["RNNPoolStem", "build_rnnpool_resnet_backbone", "build_rnnpool_resnet_fpn_backbone", "is_detectron2_norm", "validate_rnnpool_config"]
 
-__all__ = ["RNNPoolStem", "build_rnnpool_resnet_backbone", "build_rnnpool_resnet_fpn_backbone", "validate_rnnpool_config"]
+
+def is_detectron2_norm(name: object) -> bool:
+    """Whether ``detectron2.layers.get_norm`` accepts ``name`` ("" is none); asks it rather than copying its table."""
+    if not isinstance(name, str):
+        return False
+    try:
+        get_norm(name, 32)
+    except KeyError:
+        return False
+    return True
 
 
 class RNNPoolStem(CNNBlockBase):
@@ -87,7 +95,7 @@ def validate_rnnpool_config(cfg: CfgNode) -> None:
                     f"MODEL.RESNETS.STEM_OUT_CHANNELS / 4 = {stem_channels / 4:g} (the stem outputs 4 x HIDDEN2 channels)"),
         "CELL": (rc.CELL in CELLS, ", ".join(CELLS)),
         "STREAM_ROWS": (isinstance(rc.STREAM_ROWS, int) and rc.STREAM_ROWS >= 0, "an integer >= 0 (0: never stream)"),
-        "NORM": (rc.NORM in NORMS, ", ".join(repr(n) for n in NORMS)),
+        "NORM": (is_detectron2_norm(rc.NORM), "'' (none) or a name detectron2.layers.get_norm accepts: 'BN', 'FrozenBN', 'GN', 'SyncBN', ..."),
     }
     check_keys("MODEL.RNNPOOL", rc, checks)
 
