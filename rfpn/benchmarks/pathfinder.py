@@ -126,8 +126,7 @@ def adopt_previous(args: argparse.Namespace, methods: list[str] | dict, train_se
             logger.warning(f"{path} was trained on {summary['train_set']}, not {train_set}: not used")
             continue
         rows = [row for row in summary.get("rows", []) if row["method"] in methods]
-        adopted = adopt_rows(args.output_dir, rows, "method", {"iters": args.iters})
-        logger.info(f"{adopted} finished runs taken from {path}")
+        adopt_rows(args.output_dir, rows, "method", {"iters": args.iters}, source=path)
         summaries.append(summary)
     return summaries
 

@@ -249,8 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, sweep = load_previous(out, args)
     for path in args.previous:
         previous_rows, previous_sweep = load_previous(path, args)
-        adopted = adopt_rows(args.output_dir, previous_rows, "key", {"iters": args.iters})
-        logger.info(f"{adopted} finished runs taken from {path}")
+        adopt_rows(args.output_dir, previous_rows, "key", {"iters": args.iters}, source=str(path))
         sweep = sweep or previous_sweep
     if not sweep:
         sweep = memory_sweep(args)

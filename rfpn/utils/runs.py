@@ -52,11 +52,12 @@ def save_run(root: str | os.PathLike, row: Mapping[str, Any], name: str, seed: i
 
 
 def adopt_rows(root: str | os.PathLike, rows: Iterable[Mapping[str, Any]], name_key: str,
-               match: Mapping[str, Any] | None = None) -> int:
+               match: Mapping[str, Any] | None = None, source: str = "an earlier summary") -> int:
     """Keep the rows of an earlier summary as finished runs under ``root``; return how many were new.
 
     Only rows that agree with ``match`` are taken, and a run that already finished keeps its own
-    row. Each row is named by its ``name_key`` field and its ``seed`` (if any).
+    row. Each row is named by its ``name_key`` field and its ``seed`` (if any). ``source`` names
+    the summary in the log line.
     """
     adopted = 0
     for row in rows:
@@ -66,4 +67,5 @@ def adopt_rows(root: str | os.PathLike, rows: Iterable[Mapping[str, Any]], name_
         if load_run(root, name, seed) is None:
             save_run(root, row, name, seed)
             adopted += 1
+    logger.info(f"{adopted} finished runs taken from {source}")
     return adopted
