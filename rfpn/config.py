@@ -259,6 +259,13 @@ def recurrent_settings(cfg: CN) -> RecurrentSettings:
     return settings
 
 
+def training_steps(cfg: CN) -> int:
+    """The cell evaluations a training forward pass may run: ``STEPS`` for the fixed solver, else
+    the solver's cap ``MAX_STEPS`` (a residual-stopped solve may stop earlier)."""
+    rc = cfg.MODEL.RECURRENT
+    return rc.STEPS if rc.SOLVER == "fixed" else rc.MAX_STEPS
+
+
 def validate_recurrent_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key and the allowed values for any bad setting."""
     rc = cfg.MODEL.RECURRENT

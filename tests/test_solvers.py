@@ -295,6 +295,20 @@ def test_config_keys_are_validated_and_reach_the_dynamics():
         build_recurrent_dynamics(broken)
 
 
+def test_training_steps_are_the_fixed_steps_or_the_solvers_cap():
+    from detectron2.config import get_cfg
+
+    from rfpn.config import add_rfpn_config, training_steps
+
+    cfg = get_cfg()
+    add_rfpn_config(cfg)
+    cfg.merge_from_list(["MODEL.RECURRENT.STEPS", 7, "MODEL.RECURRENT.MAX_STEPS", 60])
+    assert training_steps(cfg) == 7
+    for solver in ("iterate", "anderson"):
+        cfg.MODEL.RECURRENT.SOLVER = solver
+        assert training_steps(cfg) == 60, solver
+
+
 def test_benchmark_solvers_writes_json_and_png(tmp_path):
     import json
 

@@ -35,6 +35,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import rfpn  # noqa: F401  (registers rfpn's models and datasets)
 from rfpn.analysis import select_steps
 from rfpn.analysis.figures import plot_strip
+from rfpn.config import training_steps
 from rfpn.utils.cli import load_config, run_cli
 from rfpn.utils.models import build_eval_model
 
@@ -109,7 +110,7 @@ def run_pathfinder(cfg: CfgNode, path: str, out_dir: str, steps_shown: int) -> l
     with torch.no_grad():
         out = model([{"image": torch.from_numpy(gray)[None], "height": gray.shape[0], "width": gray.shape[1]}])[0]
     probs = out["sem_seg_steps"][:, 1].numpy()
-    n = cfg.MODEL.RECURRENT.STEPS if cfg.MODEL.PATHFINDER.CORE == "recurrent" else len(probs)
+    n = training_steps(cfg) if cfg.MODEL.PATHFINDER.CORE == "recurrent" else len(probs)
     steps = select_steps(len(probs), min(n, len(probs)), steps_shown)
     frames = [gray / 255.0] + [probs[t - 1] for t in steps]
     titles = ["image"] + [f"t={t}" + (" (N)" if t == n else "") for t in steps]

@@ -43,6 +43,7 @@ from rfpn.data.pathfinder_generator import main as prepare_pathfinder
 from rfpn.engine import Trainer
 from rfpn.engine.amp import resolve_precision
 from rfpn.analysis.figures import plot_momentum_pathfinder, plot_pathfinder_benchmark, plot_penalty_weight_curves
+from rfpn.config import training_steps
 from rfpn.modeling.recurrent_core import penalty_weight_history, uses_state_momentum
 from rfpn.recurrent import saved_tensor_bytes
 from rfpn.utils import run_cli
@@ -228,7 +229,7 @@ def train_measured(name: str, config: str, cfg: CfgNode, fresh: bool) -> tuple[d
         "config": config,
         "grad": rc.GRAD if recurrent else "feedforward",
         "solver": rc.SOLVER if recurrent else "-",
-        "steps": (rc.STEPS if rc.SOLVER == "fixed" else rc.MAX_STEPS) if recurrent else cfg.MODEL.PATHFINDER.FF_LAYERS,
+        "steps": training_steps(cfg) if recurrent else cfg.MODEL.PATHFINDER.FF_LAYERS,
         # cell evaluations per forward pass, averaged over the last 20% of training
         "mean_steps": metric_mean(cfg.OUTPUT_DIR, steps_key, iters - max(1, iters // 5)) if steps_key else None,
         "iters": iters,
