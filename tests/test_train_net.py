@@ -235,6 +235,8 @@ def test_benchmark_pathfinder_reports_the_runs_of_earlier_summaries_without_trai
 
 
 def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_one_from_scratch(tiny_pathfinder, tmp_path):
+    import json
+
     from rfpn.benchmarks import pathfinder as bench
 
     opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
@@ -252,6 +254,8 @@ def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_o
     assert resumed["resumed_from_iter"] == 2
     (retrained,) = bench.main(["--iters", "3", "--rerun"] + common + opts)
     assert "resumed_from_iter" not in retrained
+    summary = json.loads((tmp_path / "benchmark_pathfinder.json").read_text())
+    assert summary["opts"] == opts, "the summary does not say which overrides (a SEED, say) made its rows"
 
 
 def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder, tmp_path, monkeypatch):
