@@ -358,8 +358,8 @@ def main(argv=None) -> list[dict]:
     if args.row_only:
         return rows
     json_path = os.path.join(args.output_dir, "benchmark_pathfinder.json")
-    summary = {"train_set": args.train_set, "iters": args.iters, "threads": args.threads, "opts": list(args.opts)}
-    write_json_atomic(json_path, {**summary, "rows": rows})
+    write_json_atomic(json_path, {"train_set": args.train_set, "iters": args.iters, "threads": args.threads,
+                                  "opts": list(args.opts), "rows": rows})
     png_path = os.path.join(args.output_dir, "benchmark_pathfinder.png")
     plot_pathfinder_benchmark(png_path, rows, args.train_set)
     curves = {r["method"]: r["curves"] for r in rows if r.get("curves")}
