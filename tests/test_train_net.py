@@ -1,6 +1,7 @@
 """tools/train_net.py and rfpn.engine.Trainer end to end on a tiny generated Pathfinder set."""
 import dataclasses
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -85,8 +86,6 @@ def test_train_then_eval_only(tiny_pathfinder, tmp_path, grad):
 
 
 def test_automatic_lcp_weight_is_logged_checkpointed_and_resumed(tiny_pathfinder, tmp_path):
-    import json
-
     import torch
 
     auto = ("MODEL.RECURRENT.GRAD", "cjfb", "MODEL.RECURRENT.LCP_WEIGHT_AUTO", "True", "MODEL.RECURRENT.LCP_WEIGHT", "1.0")
@@ -147,8 +146,6 @@ def test_every_pathfinder_config_loads():
 
 def test_benchmark_pathfinder_trains_then_eval_only_rescores_with_new_test_settings(tiny_pathfinder, tmp_path):
     """The benchmark keeps a finished method's row; --eval-only changes only its test pass and scores."""
-    import json
-
     from rfpn.benchmarks import pathfinder as bench
 
     opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
@@ -215,8 +212,6 @@ def test_benchmark_pathfinder_momentum_rows_record_mu_and_step_and_run_past_thei
 
 
 def test_benchmark_pathfinder_reports_the_runs_of_earlier_summaries_without_training_them(tiny_pathfinder, tmp_path):
-    import json
-
     from rfpn.benchmarks import pathfinder as bench
 
     def row(method, iters, iou):
@@ -235,8 +230,6 @@ def test_benchmark_pathfinder_reports_the_runs_of_earlier_summaries_without_trai
 
 
 def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_one_from_scratch(tiny_pathfinder, tmp_path):
-    import json
-
     from rfpn.benchmarks import pathfinder as bench
 
     opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "MODEL.RECURRENT.KERNEL_SIZE", "3",
@@ -260,8 +253,6 @@ def test_benchmark_pathfinder_resumes_an_interrupted_run_and_reruns_a_finished_o
 
 def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder, tmp_path, monkeypatch):
     """BPTT at budget trains with the most steps whose bytes fit C-RBP's; rows carry curves and diagnostics."""
-    import json
-
     from rfpn.benchmarks import long_contours as bench
     from rfpn.benchmarks.pathfinder import training_bytes
 
@@ -319,8 +310,6 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
 
 
 def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():
-    import json
-
     from rfpn.benchmarks import long_contours as bench
 
     args = bench.parse_args(["--jobs", "2", "--threads", "2", "--output-dir", "out", "MODEL.RECURRENT.TOL", "1e-4"])
