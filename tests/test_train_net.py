@@ -256,15 +256,15 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
     from rfpn.benchmarks import long_contours as bench
     from rfpn.benchmarks.pathfinder import training_bytes
 
-    opts = ["DATASETS.TRAIN", f"('{tiny_pathfinder}_train',)", "DATASETS.TEST", f"('{tiny_pathfinder}_test',)",
-            "DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "SOLVER.IMS_PER_BATCH", "4",
+    opts = ["DATALOADER.NUM_WORKERS", "0", "MODEL.RECURRENT.CHANNELS", "4", "SOLVER.IMS_PER_BATCH", "4",
             "SOLVER.WARMUP_ITERS", "0", "TEST.IMS_PER_BATCH", "2", "MODEL.RECURRENT.MAX_STEPS", "4",
             "MODEL.RECURRENT.TEST_STEPS", "2", "DIAGNOSTICS.PERIOD", "1", "DIAGNOSTICS.POWER_ITERS", "2"]
     argv = ["--methods", "C-RBP", "BPTT at budget", "FF control", "--seeds", "0", "1", "--control-seeds", "0",
-            "--test-sets", tiny_pathfinder, "--iters", "2", "--curve-steps", "3", "--curve-images", "4", "--threads",
+            "--train-set", tiny_pathfinder, "--test-sets", tiny_pathfinder, "--iters", "2", "--curve-steps", "3", "--curve-images", "4", "--threads",
             "1", "--output-dir", str(tmp_path)]
     rows = bench.main(argv + opts)
     summary = json.loads((tmp_path / "benchmark_long_contours.json").read_text())
+    assert summary["train_set"] == tiny_pathfinder
     budget = summary["budget"]
     args = bench.parse_args(argv + opts)
     fits = [training_bytes(bench.method_cfg(bench.BUDGET_METHOD, 0, args, ["MODEL.RECURRENT.STEPS", k]))
@@ -312,11 +312,14 @@ def test_benchmark_long_contours_budget_seeds_curves_and_resume(tiny_pathfinder,
 def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():
     from rfpn.benchmarks import long_contours as bench
 
-    args = bench.parse_args(["--jobs", "2", "--threads", "2", "--output-dir", "out", "MODEL.RECURRENT.TOL", "1e-4"])
+    args = bench.parse_args(["--jobs", "2", "--threads", "2", "--output-dir", "out", "--train-set", "pathfinder_cpu9",
+                             "MODEL.RECURRENT.TOL", "1e-4"])
     budget = {"crbp_bytes": 10, "bptt_bytes_per_step": 4, "bptt_base_bytes": 1, "bptt_steps": 2}
     job = bench.child_job("BPTT at budget", 1, args, budget)
     assert job.argv[1:3] == ["-m", "rfpn.benchmarks.long_contours"] and job.threads == 1
     child = bench.parse_args(job.argv[3:])
     assert (child.methods, child.seeds, child.row_only, child.output_dir) == (["BPTT at budget"], [1], True, "out")
     assert json.loads(child.budget) == budget and child.opts == ["MODEL.RECURRENT.TOL", "1e-4"]
+    assert child.train_set == "pathfinder_cpu9"
+    assert bench.method_cfg("C-RBP", 1, child).DATASETS.TRAIN == ("pathfinder_cpu9_train",)
     assert job.log_path == os.path.join("out", "bptt_at_budget_seed1", "benchmark.log")

@@ -6,7 +6,8 @@ BPTT cannot afford; and without the penalty, RBP drifts into expansive dynamics 
 benchmark sets up the CPU-scale experiment in which both can appear and reports what happens:
 
 - data: ``pathfinder_cpu14`` (64x64, 14-paddle contours) for training and test, plus longer sets
-  (``--test-sets``, default ``pathfinder_cpu20``) for generalisation;
+  (``--test-sets``, default ``pathfinder_cpu20``) for generalisation; ``--train-set`` changes the
+  contour length the models train and are tested on (one factor, as in ``docs/long_contours.md``);
 - model: the CPU hGRU with 3x3 horizontal kernels (``configs/Pathfinder/cpu/pfcpu14_*``);
 - memory budget: the bytes C-RBP saves for backward in one training iteration. BPTT's bytes are
   measured at 1 and 2 steps (they grow linearly) to find how many steps fit; "BPTT at budget"
@@ -86,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of C-RBP, RBP and BPTT at budget")
     p.add_argument("--control-seeds", type=int, nargs="+", default=[0], help="seeds of the other methods")
+    p.add_argument("--train-set", default=TRAIN_SET, help="registered Pathfinder set to train and test on")
     p.add_argument("--test-sets", nargs="+", default=["pathfinder_cpu20"], help="longer-contour sets for generalisation")
     p.add_argument("--curve-steps", type=int, default=120, help="IoU is measured after every step up to this one")
     p.add_argument("--curve-images", type=int, default=250, help="test images of each set for the per-step IoU")
@@ -96,8 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
-    """The method's packaged config for ``--iters`` iterations and ``seed``, then ``extra`` and ``--opts``."""
-    overrides = ["SEED", seed, "OUTPUT_DIR", run_dir(args.output_dir, name, seed), *extra]
+    """The method's packaged config for ``--iters`` iterations, ``--train-set`` and ``seed``, then ``extra`` and ``--opts``."""
+    overrides = [
+        "DATASETS.TRAIN", (f"{args.train_set}_train",), "DATASETS.TEST", (f"{args.train_set}_test",),
+        "SEED", seed, "OUTPUT_DIR", run_dir(args.output_dir, name, seed), *extra,
+    ]
     return scaled_cfg(os.path.join(REPO, CONFIG_DIR, METHODS[name]), args.iters, overrides, args.opts)
 
 
@@ -161,7 +166,8 @@ def child_job(name: str, seed: int, args, budget: dict) -> ChildJob:
     threads = max(1, args.threads // args.jobs)
     argv = [
         sys.executable, "-m", __name__, "--methods", name, "--seeds", str(seed), "--control-seeds", str(seed),
-        "--row-only", "--budget", json.dumps(budget), "--iters", str(args.iters), "--test-sets", *args.test_sets,
+        "--row-only", "--budget", json.dumps(budget), "--iters", str(args.iters), "--train-set", args.train_set,
+        "--test-sets", *args.test_sets,
         "--curve-steps", str(args.curve_steps), "--curve-images", str(args.curve_images), "--threads", str(threads),
         "--output-dir", args.output_dir,
         *(["--rerun"] if args.rerun else []), *args.opts,
@@ -234,10 +240,10 @@ def format_table(summary: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    start_benchmark(args, TRAIN_SET, args.test_sets, test_only_sets=True)
+    start_benchmark(args, args.train_set, args.test_sets, test_only_sets=True)
     budget = json.loads(args.budget) if args.budget else None
     if not args.row_only:  # the runs of earlier summaries were trained under their budget: it is not measured again
-        summaries = adopt_previous(args, METHODS, TRAIN_SET)
+        summaries = adopt_previous(args, METHODS, args.train_set)
         budget = budget or next((s["budget"] for s in summaries if s.get("budget")), None)
     budget = budget or memory_budget(args)
     logger.info(f"memory budget: {json.dumps(budget)}")
@@ -258,7 +264,7 @@ def main(argv=None) -> list[dict]:
     summary = summarise(rows, budget)
     ious = {(r["method"], r["seed"]): r["iou"] for r in rows}
     payload = {
-        "train_set": TRAIN_SET, "iters": args.iters, "budget": budget, "summary": summary,
+        "train_set": args.train_set, "iters": args.iters, "budget": budget, "summary": summary,
         "paired_iou_differences": [d for m, b in COMPARISONS if (d := paired_difference(ious, m, b)) is not None],
         "rows": rows,
     }
