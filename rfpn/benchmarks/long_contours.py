@@ -17,7 +17,7 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   what unlimited memory buys), the feed-forward control and the one-factor changes of C-RBP (the LCP
   weight adapted by dual ascent, "C-RBP auto"; batch-statistics BatchNorm as in the paper's model,
   "C-RBP BN"; a weaker fixed LCP weight, 1 instead of 10, "C-RBP LCP 1"; 16 channels instead of 8,
-  "C-RBP 16 ch") over ``--control-seeds``.
+  "C-RBP 16 ch"; 5x5 horizontal kernels instead of 3x3, "C-RBP 5x5") over ``--control-seeds``.
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
 without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
@@ -68,6 +68,7 @@ METHODS = {
     "C-RBP BN": "pfcpu14_hgru3x3_crbp_bn.yaml",
     "C-RBP LCP 1": "pfcpu14_hgru3x3_crbp_lcp1.yaml",
     "C-RBP 16 ch": "pfcpu14_hgru3x3_crbp_16ch.yaml",
+    "C-RBP 5x5": "pfcpu14_hgru5x5_crbp.yaml",
     "RBP": "pfcpu14_hgru3x3_rbp.yaml",
     BUDGET_METHOD: "pfcpu14_hgru3x3_bptt_budget.yaml",
     "FF control": "pfcpu14_ff3x3_control.yaml",
