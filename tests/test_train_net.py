@@ -323,3 +323,17 @@ def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():
     assert child.train_set == "pathfinder_cpu9"
     assert bench.method_cfg("C-RBP", 1, child).DATASETS.TRAIN == ("pathfinder_cpu9_train",)
     assert job.log_path == os.path.join("out", "bptt_at_budget_seed1", "benchmark.log")
+
+
+def test_long_contours_5x5_pair_changes_only_the_kernel():
+    """C-RBP 5x5 and its BPTT partner are their 3x3 configs with 5x5 horizontal kernels, nothing else."""
+    from rfpn.benchmarks import long_contours as bench
+
+    args = bench.parse_args(["--output-dir", "out"])
+    for wide, base in (("C-RBP 5x5", "C-RBP"), ("BPTT at budget 5x5", bench.BUDGET_METHOD)):
+        cfg, ref = bench.method_cfg(wide, 0, args), bench.method_cfg(base, 0, args)
+        assert (cfg.MODEL.RECURRENT.KERNEL_SIZE, ref.MODEL.RECURRENT.KERNEL_SIZE) == (5, 3)
+        ref.defrost()
+        ref.MODEL.RECURRENT.KERNEL_SIZE, ref.OUTPUT_DIR = 5, cfg.OUTPUT_DIR
+        assert cfg.dump() == ref.dump()
+    assert "BPTT at budget 5x5" in bench.BUDGET_METHODS

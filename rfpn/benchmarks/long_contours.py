@@ -17,7 +17,8 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   what unlimited memory buys), the feed-forward control and the one-factor changes of C-RBP (the LCP
   weight adapted by dual ascent, "C-RBP auto"; batch-statistics BatchNorm as in the paper's model,
   "C-RBP BN"; a weaker fixed LCP weight, 1 instead of 10, "C-RBP LCP 1"; 16 channels instead of 8,
-  "C-RBP 16 ch"; 5x5 horizontal kernels instead of 3x3, "C-RBP 5x5") over ``--control-seeds``.
+  "C-RBP 16 ch"; 5x5 horizontal kernels instead of 3x3, "C-RBP 5x5", with its partner "BPTT at budget
+  5x5") over ``--control-seeds``.
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
 without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
@@ -69,14 +70,16 @@ METHODS = {
     "C-RBP LCP 1": "pfcpu14_hgru3x3_crbp_lcp1.yaml",
     "C-RBP 16 ch": "pfcpu14_hgru3x3_crbp_16ch.yaml",
     "C-RBP 5x5": "pfcpu14_hgru5x5_crbp.yaml",
+    "BPTT at budget 5x5": "pfcpu14_hgru5x5_bptt_budget.yaml",
     "RBP": "pfcpu14_hgru3x3_rbp.yaml",
     BUDGET_METHOD: "pfcpu14_hgru3x3_bptt_budget.yaml",
     "FF control": "pfcpu14_ff3x3_control.yaml",
     "BPTT-6": "pfcpu14_hgru3x3_bptt6.yaml",
     "BPTT-60": "pfcpu14_hgru3x3_bptt60.yaml",
 }
+BUDGET_METHODS = (BUDGET_METHOD, "BPTT at budget 5x5")  # trained with the BPTT steps that fit in the budget
 COMPARED = ("C-RBP", "RBP", BUDGET_METHOD)  # trained over --seeds; the others over --control-seeds
-COMPARISONS = (("C-RBP", BUDGET_METHOD), ("C-RBP", "RBP"))
+COMPARISONS = (("C-RBP", BUDGET_METHOD), ("C-RBP", "RBP"), ("C-RBP 5x5", "BPTT at budget 5x5"))
 logger = logging.getLogger("rfpn.benchmark_long_contours")
 
 
@@ -117,7 +120,7 @@ def memory_budget(args) -> dict:
 
 
 def run(name: str, seed: int, args, budget: dict) -> dict:
-    extra = ["MODEL.RECURRENT.STEPS", budget["bptt_steps"]] if name == BUDGET_METHOD else []
+    extra = ["MODEL.RECURRENT.STEPS", budget["bptt_steps"]] if name in BUDGET_METHODS else []
     cfg = method_cfg(name, seed, args, extra)
     fresh = args.rerun and load_run(args.output_dir, name, seed) is not None
     row, trainer, results = train_measured(name, os.path.join(CONFIG_DIR, METHODS[name]), cfg, fresh=fresh)
