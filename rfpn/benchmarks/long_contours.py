@@ -63,6 +63,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
 TRAIN_SET = "pathfinder_cpu14"
 BUDGET_METHOD = "BPTT at budget"
+BUDGET_METHOD_5X5 = "BPTT at budget 5x5"
 METHODS = {
     "C-RBP": "pfcpu14_hgru3x3_crbp.yaml",
     "C-RBP auto": "pfcpu14_hgru3x3_crbp_auto.yaml",
@@ -70,16 +71,16 @@ METHODS = {
     "C-RBP LCP 1": "pfcpu14_hgru3x3_crbp_lcp1.yaml",
     "C-RBP 16 ch": "pfcpu14_hgru3x3_crbp_16ch.yaml",
     "C-RBP 5x5": "pfcpu14_hgru5x5_crbp.yaml",
-    "BPTT at budget 5x5": "pfcpu14_hgru5x5_bptt_budget.yaml",
+    BUDGET_METHOD_5X5: "pfcpu14_hgru5x5_bptt_budget.yaml",
     "RBP": "pfcpu14_hgru3x3_rbp.yaml",
     BUDGET_METHOD: "pfcpu14_hgru3x3_bptt_budget.yaml",
     "FF control": "pfcpu14_ff3x3_control.yaml",
     "BPTT-6": "pfcpu14_hgru3x3_bptt6.yaml",
     "BPTT-60": "pfcpu14_hgru3x3_bptt60.yaml",
 }
-BUDGET_METHODS = (BUDGET_METHOD, "BPTT at budget 5x5")  # trained with the BPTT steps that fit in the budget
+BUDGET_METHODS = (BUDGET_METHOD, BUDGET_METHOD_5X5)  # trained with the BPTT steps that fit in the budget
 COMPARED = ("C-RBP", "RBP", BUDGET_METHOD)  # trained over --seeds; the others over --control-seeds
-COMPARISONS = (("C-RBP", BUDGET_METHOD), ("C-RBP", "RBP"), ("C-RBP 5x5", "BPTT at budget 5x5"))
+COMPARISONS = (("C-RBP", BUDGET_METHOD), ("C-RBP", "RBP"), ("C-RBP 5x5", BUDGET_METHOD_5X5))
 logger = logging.getLogger("rfpn.benchmark_long_contours")
 
 
