@@ -40,12 +40,13 @@ benchmark-rfpn: $(STAMP)
 	$(BIN)/python tools/benchmark_rfpn.py --models fpn crbp20 revnet18 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
 		--output-dir output/benchmark_rfpn_300 $(foreach f,$(wildcard $(RFPN_RESULTS)),--previous $(f))
 
-LONG_CONTOURS_RESULTS := benchmarks/results/benchmark_long_contours.json
+# The committed 14-paddle summaries (the 9-paddle one trained on another set and is not reused).
+LONG_CONTOURS_RESULTS := $(wildcard benchmarks/results/benchmark_long_contours.json benchmarks/results/benchmark_long_contours_[0-9]x[0-9].json)
 # Several hours on 2 cores (resumable: finished runs are kept, and those of the committed results): long contours with 3x3 kernels,
 # C-RBP vs RBP vs BPTT within C-RBP's memory, 3 seeds, and the controls (docs/long_contours.md).
 long-contours: $(STAMP)
 	$(BIN)/python tools/benchmark_long_contours.py --prepare --jobs 2 --copy-to-docs \
-		$(if $(wildcard $(LONG_CONTOURS_RESULTS)),--previous $(LONG_CONTOURS_RESULTS))
+		$(foreach f,$(LONG_CONTOURS_RESULTS),--previous $(f))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -325,15 +325,16 @@ def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():
     assert job.log_path == os.path.join("out", "bptt_at_budget_seed1", "benchmark.log")
 
 
-def test_long_contours_5x5_pair_changes_only_the_kernel():
-    """C-RBP 5x5 and its BPTT partner are their 3x3 configs with 5x5 horizontal kernels, nothing else."""
+def test_long_contours_kernel_pairs_change_only_the_kernel():
+    """Each wider-kernel C-RBP and its BPTT partner are the 3x3 configs with only the kernel changed."""
     from rfpn.benchmarks import long_contours as bench
 
     args = bench.parse_args(["--output-dir", "out"])
-    for wide, base in (("C-RBP 5x5", "C-RBP"), ("BPTT at budget 5x5", bench.BUDGET_METHOD)):
-        cfg, ref = bench.method_cfg(wide, 0, args), bench.method_cfg(base, 0, args)
-        assert (cfg.MODEL.RECURRENT.KERNEL_SIZE, ref.MODEL.RECURRENT.KERNEL_SIZE) == (5, 3)
-        ref.defrost()
-        ref.MODEL.RECURRENT.KERNEL_SIZE, ref.OUTPUT_DIR = 5, cfg.OUTPUT_DIR
-        assert cfg.dump() == ref.dump()
-    assert "BPTT at budget 5x5" in bench.BUDGET_METHODS
+    for size, pair in bench.KERNEL_PAIRS.items():
+        assert pair in bench.COMPARISONS and pair[1] in bench.BUDGET_METHODS
+        for wide, base in zip(pair, bench.KERNEL_PAIRS[3]):
+            cfg, ref = bench.method_cfg(wide, 0, args), bench.method_cfg(base, 0, args)
+            assert (cfg.MODEL.RECURRENT.KERNEL_SIZE, ref.MODEL.RECURRENT.KERNEL_SIZE) == (size, 3)
+            ref.defrost()
+            ref.MODEL.RECURRENT.KERNEL_SIZE, ref.OUTPUT_DIR = size, cfg.OUTPUT_DIR
+            assert cfg.dump() == ref.dump()

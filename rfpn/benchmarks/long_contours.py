@@ -17,8 +17,8 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   what unlimited memory buys), the feed-forward control and the one-factor changes of C-RBP (the LCP
   weight adapted by dual ascent, "C-RBP auto"; batch-statistics BatchNorm as in the paper's model,
   "C-RBP BN"; a weaker fixed LCP weight, 1 instead of 10, "C-RBP LCP 1"; 16 channels instead of 8,
-  "C-RBP 16 ch"; 5x5 horizontal kernels instead of 3x3, "C-RBP 5x5", with its partner "BPTT at budget
-  5x5") over ``--control-seeds``.
+  "C-RBP 16 ch"; 5x5 or 7x7 horizontal kernels instead of 3x3, "C-RBP 5x5" and "C-RBP 7x7", each with
+  its partner "BPTT at budget 5x5" or "7x7", ``KERNEL_PAIRS``) over ``--control-seeds``.
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
 without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
@@ -63,7 +63,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
 TRAIN_SET = "pathfinder_cpu14"
 BUDGET_METHOD = "BPTT at budget"
-BUDGET_METHOD_5X5 = "BPTT at budget 5x5"
+# Per horizontal-kernel size: C-RBP and its partner, BPTT with the steps that fit in the same memory.
+KERNEL_PAIRS = {
+    3: ("C-RBP", BUDGET_METHOD),
+    5: ("C-RBP 5x5", "BPTT at budget 5x5"),
+    7: ("C-RBP 7x7", "BPTT at budget 7x7"),
+}
 METHODS = {
     "C-RBP": "pfcpu14_hgru3x3_crbp.yaml",
     "C-RBP auto": "pfcpu14_hgru3x3_crbp_auto.yaml",
@@ -71,16 +76,18 @@ METHODS = {
     "C-RBP LCP 1": "pfcpu14_hgru3x3_crbp_lcp1.yaml",
     "C-RBP 16 ch": "pfcpu14_hgru3x3_crbp_16ch.yaml",
     "C-RBP 5x5": "pfcpu14_hgru5x5_crbp.yaml",
-    BUDGET_METHOD_5X5: "pfcpu14_hgru5x5_bptt_budget.yaml",
+    "BPTT at budget 5x5": "pfcpu14_hgru5x5_bptt_budget.yaml",
+    "C-RBP 7x7": "pfcpu14_hgru7x7_crbp.yaml",
+    "BPTT at budget 7x7": "pfcpu14_hgru7x7_bptt_budget.yaml",
     "RBP": "pfcpu14_hgru3x3_rbp.yaml",
     BUDGET_METHOD: "pfcpu14_hgru3x3_bptt_budget.yaml",
     "FF control": "pfcpu14_ff3x3_control.yaml",
     "BPTT-6": "pfcpu14_hgru3x3_bptt6.yaml",
     "BPTT-60": "pfcpu14_hgru3x3_bptt60.yaml",
 }
-BUDGET_METHODS = (BUDGET_METHOD, BUDGET_METHOD_5X5)  # trained with the BPTT steps that fit in the budget
+BUDGET_METHODS = tuple(partner for _, partner in KERNEL_PAIRS.values())  # trained with the steps that fit
 COMPARED = ("C-RBP", "RBP", BUDGET_METHOD)  # trained over --seeds; the others over --control-seeds
-COMPARISONS = (("C-RBP", BUDGET_METHOD), ("C-RBP", "RBP"), ("C-RBP 5x5", BUDGET_METHOD_5X5))
+COMPARISONS = (KERNEL_PAIRS[3], ("C-RBP", "RBP"), *(pair for k, pair in KERNEL_PAIRS.items() if k != 3))
 logger = logging.getLogger("rfpn.benchmark_long_contours")
 
 
