@@ -326,13 +326,15 @@ def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():
 
 
 def test_long_contours_kernel_pairs_change_only_the_kernel():
-    """Each wider-kernel C-RBP and its BPTT partner are the 3x3 configs with only the kernel changed."""
+    """Each wider-kernel C-RBP and its BPTT or RBP partner are the 3x3 configs with only the kernel changed."""
     from rfpn.benchmarks import long_contours as bench
 
     args = bench.parse_args(["--output-dir", "out"])
-    for size, pair in bench.KERNEL_PAIRS.items():
-        assert pair in bench.COMPARISONS and pair[1] in bench.BUDGET_METHODS
-        for wide, base in zip(pair, bench.KERNEL_PAIRS[3]):
+    tables = (bench.KERNEL_PAIRS, bench.PENALTY_PAIRS)
+    assert all(pair[1] in bench.BUDGET_METHODS for pair in bench.KERNEL_PAIRS.values())
+    for table, (size, pair) in ((t, item) for t in tables for item in t.items()):
+        assert pair in bench.COMPARISONS
+        for wide, base in zip(pair, table[3]):
             cfg, ref = bench.method_cfg(wide, 0, args), bench.method_cfg(base, 0, args)
             assert (cfg.MODEL.RECURRENT.KERNEL_SIZE, ref.MODEL.RECURRENT.KERNEL_SIZE) == (size, 3)
             ref.defrost()

@@ -18,7 +18,8 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   weight adapted by dual ascent, "C-RBP auto"; batch-statistics BatchNorm as in the paper's model,
   "C-RBP BN"; a weaker fixed LCP weight, 1 instead of 10, "C-RBP LCP 1"; 16 channels instead of 8,
   "C-RBP 16 ch"; 5x5 or 7x7 horizontal kernels instead of 3x3, "C-RBP 5x5" and "C-RBP 7x7", each with
-  its partner "BPTT at budget 5x5" or "7x7", ``KERNEL_PAIRS``) over ``--control-seeds``.
+  its partner "BPTT at budget 5x5" or "7x7", ``KERNEL_PAIRS``, and "RBP 7x7", ``PENALTY_PAIRS``) over
+  ``--control-seeds``.
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
 without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
@@ -63,12 +64,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG_DIR = os.path.join("configs", "Pathfinder", "cpu")
 TRAIN_SET = "pathfinder_cpu14"
 BUDGET_METHOD = "BPTT at budget"
-# Per horizontal-kernel size: C-RBP and its partner, BPTT with the steps that fit in the same memory.
+# Per horizontal-kernel size: C-RBP and its partners, BPTT with the steps that fit in the same memory
+# and, where it was run, RBP (the same C-RBP without the penalty).
 KERNEL_PAIRS = {
     3: ("C-RBP", BUDGET_METHOD),
     5: ("C-RBP 5x5", "BPTT at budget 5x5"),
     7: ("C-RBP 7x7", "BPTT at budget 7x7"),
 }
+PENALTY_PAIRS = {3: ("C-RBP", "RBP"), 7: ("C-RBP 7x7", "RBP 7x7")}
 METHODS = {
     "C-RBP": "pfcpu14_hgru3x3_crbp.yaml",
     "C-RBP auto": "pfcpu14_hgru3x3_crbp_auto.yaml",
@@ -79,6 +82,7 @@ METHODS = {
     "BPTT at budget 5x5": "pfcpu14_hgru5x5_bptt_budget.yaml",
     "C-RBP 7x7": "pfcpu14_hgru7x7_crbp.yaml",
     "BPTT at budget 7x7": "pfcpu14_hgru7x7_bptt_budget.yaml",
+    "RBP 7x7": "pfcpu14_hgru7x7_rbp.yaml",
     "RBP": "pfcpu14_hgru3x3_rbp.yaml",
     BUDGET_METHOD: "pfcpu14_hgru3x3_bptt_budget.yaml",
     "FF control": "pfcpu14_ff3x3_control.yaml",
@@ -87,7 +91,10 @@ METHODS = {
 }
 BUDGET_METHODS = tuple(partner for _, partner in KERNEL_PAIRS.values())  # trained with the steps that fit
 COMPARED = ("C-RBP", "RBP", BUDGET_METHOD)  # trained over --seeds; the others over --control-seeds
-COMPARISONS = (KERNEL_PAIRS[3], ("C-RBP", "RBP"), *(pair for k, pair in KERNEL_PAIRS.items() if k != 3))
+COMPARISONS = (
+    KERNEL_PAIRS[3], PENALTY_PAIRS[3],
+    *(pair for table in (KERNEL_PAIRS, PENALTY_PAIRS) for k, pair in sorted(table.items()) if k != 3),
+)
 logger = logging.getLogger("rfpn.benchmark_long_contours")
 
 
