@@ -40,13 +40,20 @@ benchmark-rfpn: $(STAMP)
 	$(BIN)/python tools/benchmark_rfpn.py --models fpn crbp20 revnet18 --seeds 0 1 2 3 4 5 6 7 --iters 300 --jobs 2 \
 		--output-dir output/benchmark_rfpn_300 $(foreach f,$(wildcard $(RFPN_RESULTS)),--previous $(f))
 
-# The committed 14-paddle summaries (the 9-paddle one trained on another set and is not reused).
-LONG_CONTOURS_RESULTS := $(wildcard benchmarks/results/benchmark_long_contours.json benchmarks/results/benchmark_long_contours_[0-9]x[0-9].json)
+# The committed 14-paddle summaries, reused (the 9-paddle one trained on another set and is not).
+LONG_CONTOURS_RESULTS := benchmarks/results/benchmark_long_contours.json
 # Several hours on 2 cores (resumable: finished runs are kept, and those of the committed results): long contours with 3x3 kernels,
-# C-RBP vs RBP vs BPTT within C-RBP's memory, 3 seeds, and the controls (docs/long_contours.md).
+# C-RBP vs RBP vs BPTT within C-RBP's memory, 3 seeds, and the controls (docs/long_contours.md); then the
+# wider-kernel settings over three seeds, one summary and folder per kernel size.
+RESULTS_5x5 := benchmarks/results/benchmark_long_contours_5x5.json
+RESULTS_7x7 := benchmarks/results/benchmark_long_contours_7x7.json
 long-contours: $(STAMP)
 	$(BIN)/python tools/benchmark_long_contours.py --prepare --jobs 2 --copy-to-docs \
-		$(foreach f,$(LONG_CONTOURS_RESULTS),--previous $(f))
+		$(foreach f,$(wildcard $(LONG_CONTOURS_RESULTS)),--previous $(f))
+	$(BIN)/python tools/benchmark_long_contours.py --jobs 2 --control-seeds 0 1 2 --methods "C-RBP 5x5" "BPTT at budget 5x5" \
+		--output-dir output/benchmark_long_contours_5x5 $(foreach f,$(wildcard $(RESULTS_5x5)),--previous $(f))
+	$(BIN)/python tools/benchmark_long_contours.py --jobs 2 --control-seeds 0 1 2 --methods "C-RBP 7x7" "BPTT at budget 7x7" "RBP 7x7" \
+		--output-dir output/benchmark_long_contours_7x7 $(foreach f,$(wildcard $(RESULTS_7x7)),--previous $(f))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -325,6 +325,16 @@ def test_long_contours_child_job_runs_one_seed_with_the_parents_budget():
     assert job.log_path == os.path.join("out", "bptt_at_budget_seed1", "benchmark.log")
 
 
+def test_long_contours_default_run_is_the_3x3_design_and_wider_kernels_run_on_request():
+    from rfpn.benchmarks import long_contours as bench
+
+    default = bench.parse_args(["--output-dir", "out"])
+    assert {bench.method_cfg(m, 0, default).MODEL.RECURRENT.KERNEL_SIZE for m in default.methods} == {3}
+    assert set(default.methods) | bench.WIDER_KERNEL_METHODS == set(bench.METHODS)
+    wide = bench.parse_args(["--output-dir", "out", "--methods", "C-RBP 7x7", "RBP 7x7"])
+    assert {bench.method_cfg(m, 0, wide).MODEL.RECURRENT.KERNEL_SIZE for m in wide.methods} == {7}
+
+
 def test_long_contours_kernel_pairs_change_only_the_kernel():
     """Each wider-kernel C-RBP and its BPTT or RBP partner are the 3x3 configs with only the kernel changed."""
     from rfpn.benchmarks import long_contours as bench

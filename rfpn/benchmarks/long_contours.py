@@ -19,7 +19,7 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   "C-RBP BN"; a weaker fixed LCP weight, 1 instead of 10, "C-RBP LCP 1"; 16 channels instead of 8,
   "C-RBP 16 ch"; 5x5 or 7x7 horizontal kernels instead of 3x3, "C-RBP 5x5" and "C-RBP 7x7", each with
   its partner "BPTT at budget 5x5" or "7x7", ``KERNEL_PAIRS``, and "RBP 7x7", ``PENALTY_PAIRS``) over
-  ``--control-seeds``.
+  ``--control-seeds``. The wider-kernel methods run only when ``--methods`` names them.
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
 without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
@@ -91,6 +91,9 @@ METHODS = {
 }
 BUDGET_METHODS = tuple(partner for _, partner in KERNEL_PAIRS.values())  # trained with the steps that fit
 COMPARED = ("C-RBP", "RBP", BUDGET_METHOD)  # trained over --seeds; the others over --control-seeds
+# The wider-kernel settings run on request (``--methods``), each kernel size in a summary of its own.
+WIDER_KERNEL_METHODS = {name for table in (KERNEL_PAIRS, PENALTY_PAIRS) for k, pair in table.items() if k != 3
+                        for name in pair}
 COMPARISONS = (
     KERNEL_PAIRS[3], PENALTY_PAIRS[3],
     *(pair for table in (KERNEL_PAIRS, PENALTY_PAIRS) for k, pair in sorted(table.items()) if k != 3),
@@ -103,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         __doc__, os.path.join("output", "benchmark_long_contours"), list(METHODS), 3000,
         threads_help="torch threads in all (split between --jobs)",
         jobs_help="runs trained at once, each in a child process", rerun_help="retrain runs that already have a row.json",
+        default_methods=[m for m in METHODS if m not in WIDER_KERNEL_METHODS],
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of C-RBP, RBP and BPTT at budget")
     p.add_argument("--control-seeds", type=int, nargs="+", default=[0], help="seeds of the other methods")
