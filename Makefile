@@ -45,15 +45,16 @@ LONG_CONTOURS_RESULTS := benchmarks/results/benchmark_long_contours.json
 # Several hours on 2 cores (resumable: finished runs are kept, and those of the committed results): long contours with 3x3 kernels,
 # C-RBP vs RBP vs BPTT within C-RBP's memory, 3 seeds, and the controls (docs/long_contours.md); then the
 # wider-kernel settings over three seeds, one summary and folder per kernel size.
-RESULTS_5x5 := benchmarks/results/benchmark_long_contours_5x5.json
-RESULTS_7x7 := benchmarks/results/benchmark_long_contours_7x7.json
+define long_contours_kernel
+	$(BIN)/python tools/benchmark_long_contours.py --jobs 2 --control-seeds 0 1 2 --kernel-size $(1) \
+		--output-dir output/benchmark_long_contours_$(1)x$(1) \
+		$(foreach f,$(wildcard benchmarks/results/benchmark_long_contours_$(1)x$(1).json),--previous $(f))
+
+endef
 long-contours: $(STAMP)
 	$(BIN)/python tools/benchmark_long_contours.py --prepare --jobs 2 --copy-to-docs \
 		$(foreach f,$(wildcard $(LONG_CONTOURS_RESULTS)),--previous $(f))
-	$(BIN)/python tools/benchmark_long_contours.py --jobs 2 --control-seeds 0 1 2 --methods "C-RBP 5x5" "BPTT at budget 5x5" \
-		--output-dir output/benchmark_long_contours_5x5 $(foreach f,$(wildcard $(RESULTS_5x5)),--previous $(f))
-	$(BIN)/python tools/benchmark_long_contours.py --jobs 2 --control-seeds 0 1 2 --methods "C-RBP 7x7" "BPTT at budget 7x7" "RBP 7x7" \
-		--output-dir output/benchmark_long_contours_7x7 $(foreach f,$(wildcard $(RESULTS_7x7)),--previous $(f))
+	$(foreach k,5 7,$(call long_contours_kernel,$(k)))
 
 clean-venv:
 	rm -rf $(VENV)

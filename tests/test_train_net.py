@@ -333,6 +333,9 @@ def test_long_contours_default_run_is_the_3x3_design_and_wider_kernels_run_on_re
     assert set(default.methods) | bench.WIDER_KERNEL_METHODS == set(bench.METHODS)
     wide = bench.parse_args(["--output-dir", "out", "--methods", "C-RBP 7x7", "RBP 7x7"])
     assert {bench.method_cfg(m, 0, wide).MODEL.RECURRENT.KERNEL_SIZE for m in wide.methods} == {7}
+    assert bench.parse_args(["--kernel-size", "7"]).methods == ["C-RBP 7x7", "BPTT at budget 7x7", "RBP 7x7"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--kernel-size", "7", "--methods", "C-RBP"])
 
 
 def test_long_contours_kernel_pairs_change_only_the_kernel():

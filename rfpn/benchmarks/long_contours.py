@@ -19,7 +19,7 @@ benchmark sets up the CPU-scale experiment in which both can appear and reports 
   "C-RBP BN"; a weaker fixed LCP weight, 1 instead of 10, "C-RBP LCP 1"; 16 channels instead of 8,
   "C-RBP 16 ch"; 5x5 or 7x7 horizontal kernels instead of 3x3, "C-RBP 5x5" and "C-RBP 7x7", each with
   its partner "BPTT at budget 5x5" or "7x7", ``KERNEL_PAIRS``, and "RBP 7x7", ``PENALTY_PAIRS``) over
-  ``--control-seeds``. The wider-kernel methods run only when ``--methods`` names them.
+  ``--control-seeds``. The wider-kernel methods run only on request: ``--kernel-size 7`` (or ``--methods``).
 
 Every run keeps ``<output-dir>/<method>_seed<seed>/row.json`` (a re-run trains only the runs
 without one, each from its last checkpoint; ``--previous`` takes finished runs from an earlier
@@ -91,14 +91,21 @@ METHODS = {
 }
 BUDGET_METHODS = tuple(partner for _, partner in KERNEL_PAIRS.values())  # trained with the steps that fit
 COMPARED = ("C-RBP", "RBP", BUDGET_METHOD)  # trained over --seeds; the others over --control-seeds
-# The wider-kernel settings run on request (``--methods``), each kernel size in a summary of its own.
-WIDER_KERNEL_METHODS = {name for table in (KERNEL_PAIRS, PENALTY_PAIRS) for k, pair in table.items() if k != 3
-                        for name in pair}
+WIDER_KERNELS = tuple(k for k in sorted(KERNEL_PAIRS) if k != 3)
 COMPARISONS = (
     KERNEL_PAIRS[3], PENALTY_PAIRS[3],
-    *(pair for table in (KERNEL_PAIRS, PENALTY_PAIRS) for k, pair in sorted(table.items()) if k != 3),
+    *(table[k] for table in (KERNEL_PAIRS, PENALTY_PAIRS) for k in WIDER_KERNELS if k in table),
 )
 logger = logging.getLogger("rfpn.benchmark_long_contours")
+
+
+def kernel_methods(size: int) -> list[str]:
+    """The methods of one kernel size's setting: its C-RBP and every partner the pair tables list."""
+    return list(dict.fromkeys(name for table in (KERNEL_PAIRS, PENALTY_PAIRS) if size in table for name in table[size]))
+
+
+# The wider-kernel settings run on request (``--kernel-size`` or ``--methods``), each in a summary of its own.
+WIDER_KERNEL_METHODS = {name for k in WIDER_KERNELS for name in kernel_methods(k)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,8 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-images", type=int, default=250, help="test images of each set for the per-step IoU")
     p.add_argument("--report", action="store_true",
                    help="write the summary, figures and table of the finished runs only, training none")
+    p.add_argument("--kernel-size", type=int, default=None, choices=WIDER_KERNELS,
+                   help="run one wider-kernel setting: its C-RBP and partners (instead of --methods)")
     p.add_argument("--budget", default=None, help=argparse.SUPPRESS)  # a --jobs child: the parent's budget (JSON)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.kernel_size is not None:
+        if args.methods != p.get_default("methods"):
+            p.error("--kernel-size chooses the methods itself: drop --methods, or drop --kernel-size.")
+        args.methods = kernel_methods(args.kernel_size)
+    return args
 
 
 def method_cfg(name: str, seed: int, args, extra: list | tuple = ()) -> CfgNode:
